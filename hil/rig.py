@@ -1,0 +1,453 @@
+"""Rig files (``rigs/*.toml``) become typed, validated, immutable objects.
+
+This module only *describes* a rig: what lines, ports, disks and consoles exist. Separate classes know
+how to drive each of them. Every problem is reported as a :class:`RigFileError` naming the file, the
+key and the fix, so a broken rig file never surfaces as a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hil.errors import RigFileError
+from hil.models import MODELS, ModuleModel, emmc_size_plausible
+from hil.units import parse_size
+
+PIN_FACTORIES = ("mock", "lgpio", "rpigpio", "pigpio", "native")
+_PORT_PATH = re.compile(r"^\d+-\d+(\.\d+){0,6}$")
+_RIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+#: Stage timeouts in seconds. Defaults follow usbboot-protocol.md section 8 and 9.10.
+DEFAULT_TIMEOUTS: dict[str, float] = {
+    "power": 5.0,  # relay switched and read back
+    "rom": 10.0,  # boot ROM appears on the port after power-on
+    "rom_transfer": 20.0,  # boot message, second stage and status
+    "second_stage": 10.0,  # second stage re-enumerates
+    "file_server": 60.0,  # the whole file-server session
+    "mass_storage": 30.0,  # mass-storage device and its disk appear after Done
+    "flash": 1800.0,  # write and verify
+    "bootloader": 20.0,  # first bootloader line after power-on (CM4/CM5)
+    "kernel": 60.0,  # first kernel line
+    "login": 120.0,  # login prompt
+    "command": 30.0,  # a shell command after login
+}
+
+#: What the console says at each boot milestone (regular expressions).
+DEFAULT_MARKERS: dict[str, str] = {
+    "bootloader": r"RPi: BOOTLOADER release",
+    "kernel": r"Booting Linux on physical CPU",
+    "login": r"login: ?$",
+}
+
+#: Lines that must never appear on a console: any of them fails the boot as a product fault.
+DEFAULT_FORBIDDEN: tuple[str, ...] = (
+    r"Kernel panic - not syncing",
+    r"Internal error: Oops",
+    r"\bBUG: ",
+    r"Unable to handle kernel",
+)
+
+
+@dataclass(frozen=True)
+class RelayLine:
+    """One GPIO-driven relay. ``active_high``: the relay is energised when the GPIO is high.
+
+    "On" always means the line's asserted meaning: power applied, nRPI_BOOT pulled low (USB boot),
+    EEPROM_nWP pulled low (write protection effective).
+    """
+
+    role: str
+    gpio: int
+    active_high: bool
+    pin_factory: str
+
+
+@dataclass(frozen=True)
+class Relays:
+    power: RelayLine | None
+    nrpi_boot: RelayLine | None
+    eeprom_nwp: RelayLine | None
+    off_time: float  # seconds with power cut before power may return, so the module discharges
+    nwp_protect_at_rest: bool  # resting level of EEPROM_nWP: True = pulled low (protected)
+
+    def lines(self) -> list[RelayLine]:
+        return [x for x in (self.power, self.nrpi_boot, self.eeprom_nwp) if x is not None]
+
+
+@dataclass(frozen=True)
+class Console:
+    """The module's serial console: a device path or a pyserial URL (``rfc2217://``, ``socket://``)."""
+
+    device: str
+    baud: int
+    virtual: bool = False
+
+    @property
+    def is_url(self) -> bool:
+        return "://" in self.device
+
+
+@dataclass(frozen=True)
+class EmmcFault:
+    offset: int
+    length: int
+    op: str  # "read", "write" or "both"
+
+
+@dataclass(frozen=True)
+class VirtualEmmc:
+    write_bps: float  # bytes per second, 0 = unlimited
+    read_bps: float
+    io_errors: tuple[EmmcFault, ...]
+    loop_device: bool  # put a loop device over the file when running as root
+
+
+@dataclass(frozen=True)
+class Virtual:
+    """How the virtual module behaves: timings, speed model, quirks and faults."""
+
+    speedup: float
+    state_dir: Path
+    emmc: VirtualEmmc
+    usb: Mapping[str, Any]  # quirks and faults of the USB side, validated by the virtual USB model
+    console: Mapping[str, Any]  # faults of the console side (unplug, garbage)
+
+
+@dataclass(frozen=True)
+class Rig:
+    name: str
+    path: Path
+    model: ModuleModel
+    emmc_size: int
+    relays: Relays
+    usb_ports: tuple[str, ...]
+    payload: Path | None
+    console: Console
+    timeouts: Mapping[str, float]
+    markers: Mapping[str, str]
+    forbidden: tuple[str, ...]
+    virtual: Virtual | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def usb_port(self) -> str:
+        """The module's USB slave port as ``bus-port.port...`` (the identity that survives re-enumeration)."""
+        return self.usb_ports[0]
+
+    @property
+    def is_virtual(self) -> bool:
+        return self.virtual is not None
+
+
+def runtime_dir() -> Path:
+    """Where live rig state (locks, virtual consoles) goes; overridable for tests and parallel runs."""
+    return Path(os.environ.get("HIL_RUNTIME_DIR") or f"/tmp/cm-hil-{os.getuid()}")
+
+
+class _Table:
+    """A TOML table being read: remembers the path for messages and refuses keys it never read."""
+
+    def __init__(self, file: Path, where: str, data: Any):
+        if not isinstance(data, dict):
+            raise RigFileError(file, where, f"must be a table, not {type(data).__name__}",
+                               f"write it as [{where}] with keys under it")
+        self.file, self.where, self.data = file, where, data
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def fail(self, name: str, problem: str, fix: str) -> RigFileError:
+        return RigFileError(self.file, self.key(name), problem, fix)
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = None, *, required: bool = False,
+            fix: str = "") -> Any:
+        self.seen.add(name)
+        if name not in self.data:
+            if required:
+                raise self.fail(name, "is missing", fix or f"add {name} = ... to [{self.where or 'top level'}]")
+            return default
+        value = self.data[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise self.fail(name, f"must be {names}, not {value!r}", fix or f"give {name} a {names} value")
+        return value
+
+    def table(self, name: str, *, required: bool = False) -> _Table | None:
+        self.seen.add(name)
+        if name not in self.data:
+            if required:
+                raise self.fail(name, "is missing", f"add a [{self.key(name)}] table")
+            return None
+        return _Table(self.file, self.key(name), self.data[name])
+
+    def size(self, name: str, *, required: bool = False, default: int | None = None) -> int | None:
+        value = self.get(name, (int, str), required=required)
+        if value is None:
+            return default
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            raise self.fail(name, str(e), "write a size such as 8GB or 512MiB") from None
+
+    def positive(self, name: str, default: float) -> float:
+        value = self.get(name, float, default)
+        if value < 0:
+            raise self.fail(name, f"must not be negative ({value})", "use 0 or a positive number")
+        return float(value)
+
+    def done(self) -> None:
+        for name in self.data:
+            if name not in self.seen:
+                near = difflib.get_close_matches(name, sorted(self.seen), n=1)
+                fix = f"did you mean {near[0]!r}?" if near else f"remove it; known keys: {', '.join(sorted(self.seen))}"
+                raise self.fail(name, "is not a known key", fix)
+
+
+def load_rig(path: str | os.PathLike[str], *, check_devices: bool = True) -> Rig:
+    """Read and validate one rig file. ``check_devices=False`` skips checks against this machine."""
+    file = Path(path)
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RigFileError(file, "", "no such file", "check the path; rig files live in rigs/") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RigFileError(file, "", f"is not valid TOML ({e})", "correct the syntax at that line") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RigFileError(file, "", f"cannot be read ({e})", "make it a readable UTF-8 text file") from None
+    return _parse(file, raw, check_devices)
+
+
+def _parse(file: Path, raw: dict[str, Any], check_devices: bool) -> Rig:
+    top = _Table(file, "", raw)
+    name = top.get("name", str, file.stem)
+    if not _RIG_NAME.match(name):
+        raise top.fail("name", f"{name!r} is not a usable rig name", "use letters, digits, '-', '_' or '.'")
+    model_name = top.get("model", str, required=True, fix=f"add model = one of {', '.join(MODELS)}")
+    model = MODELS.get(model_name.lower())
+    if model is None:
+        near = difflib.get_close_matches(model_name.lower(), list(MODELS), n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise top.fail("model", f"unknown module model {model_name!r}", f"{hint}use one of {', '.join(MODELS)}")
+
+    virtual_t = top.table("virtual")
+    virtual = _virtual(virtual_t, name) if virtual_t else None
+
+    emmc = top.table("emmc", required=True)
+    assert emmc is not None
+    emmc_size = emmc.size("size", required=True)
+    assert emmc_size is not None
+    emmc.done()
+    if virtual is None and not emmc_size_plausible(model, emmc_size):
+        sizes = ", ".join(f"{s // 1000**3}GB" for s in model.emmc_sizes)
+        raise emmc.fail("size", f"{emmc_size} bytes is not an eMMC size of a {model.name} ({sizes})",
+                        "set the size printed on the module")
+    if virtual is not None and (emmc_size < 64 * 1024**2 or emmc_size % (1024 * 1024)):
+        raise emmc.fail("size", f"{emmc_size} bytes is not usable for a virtual eMMC",
+                        "use a whole number of MiB, at least 64MiB")
+
+    relays = _relays(top.table("relays", required=True), virtual is not None)  # type: ignore[arg-type]
+    usb = top.table("usb", required=True)
+    assert usb is not None
+    ports = _ports(usb)
+    payload_s = usb.get("payload", str)
+    payload = (file.parent / payload_s).resolve() if payload_s else None
+    usb.done()
+
+    console = _console(top.table("console", required=True), name, virtual is not None, check_devices)  # type: ignore[arg-type]
+    timeouts = dict(DEFAULT_TIMEOUTS)
+    t = top.table("timeouts")
+    if t:
+        for key in t.data:
+            if key not in DEFAULT_TIMEOUTS:
+                t.seen.add(key)
+                near = difflib.get_close_matches(key, list(DEFAULT_TIMEOUTS), n=1)
+                raise t.fail(key, "is not a known stage", f"did you mean {near[0]!r}?" if near
+                             else f"use one of {', '.join(DEFAULT_TIMEOUTS)}")
+            value = t.get(key, float)
+            if value <= 0:
+                raise t.fail(key, f"must be positive ({value})", "give the stage's timeout in seconds")
+            timeouts[key] = value
+    markers = dict(DEFAULT_MARKERS)
+    forbidden = DEFAULT_FORBIDDEN
+    b = top.table("boot")
+    if b:
+        m = b.table("markers")
+        if m:
+            for key in m.data:
+                markers[key] = _regex(m, key)
+        extra_forbidden = b.get("forbidden", list, [])
+        for i, pattern in enumerate(extra_forbidden):
+            if not isinstance(pattern, str):
+                raise b.fail(f"forbidden[{i}]", "must be a string", "write each pattern as a quoted regex")
+            _regex_check(b, f"forbidden[{i}]", pattern)
+        forbidden = forbidden + tuple(extra_forbidden)
+        b.done()
+    top.done()
+    return Rig(name=name, path=file, model=model, emmc_size=emmc_size, relays=relays, usb_ports=ports,
+               payload=payload, console=console, timeouts=timeouts, markers=markers, forbidden=forbidden,
+               virtual=virtual)
+
+
+def _regex(t: _Table, key: str) -> str:
+    value = t.get(key, str)
+    _regex_check(t, key, value)
+    return str(value)
+
+
+def _regex_check(t: _Table, key: str, value: str) -> None:
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise t.fail(key, f"{value!r} is not a valid regular expression ({e})", "escape special characters") from None
+
+
+def _relays(t: _Table, virtual: bool) -> Relays:
+    factory = t.get("pin_factory", str, "mock" if virtual else "lgpio")
+    if factory not in PIN_FACTORIES:
+        raise t.fail("pin_factory", f"unknown pin factory {factory!r}", f"use one of {', '.join(PIN_FACTORIES)}")
+    if virtual and factory != "mock":
+        raise t.fail("pin_factory", "a virtual rig's relays are gpiozero mock pins",
+                     'set pin_factory = "mock" or remove [virtual]')
+    used: dict[int, str] = {}
+    lines: dict[str, RelayLine | None] = {}
+    for role in ("power", "nrpi_boot", "eeprom_nwp"):
+        sub = t.table(role)
+        if sub is None:
+            lines[role] = None
+            continue
+        gpio = sub.get("gpio", int, required=True, fix=f"add gpio = N (BCM numbering) to [{sub.where}]")
+        if not 0 <= gpio <= 53:
+            raise sub.fail("gpio", f"GPIO {gpio} does not exist", "use a BCM GPIO number from 0 to 53")
+        if gpio in used:
+            raise sub.fail("gpio", f"GPIO {gpio} is already used by relays.{used[gpio]}",
+                           "give every relay line its own GPIO")
+        used[gpio] = role
+        line_factory = sub.get("pin_factory", str, factory)
+        if line_factory not in PIN_FACTORIES:
+            raise sub.fail("pin_factory", f"unknown pin factory {line_factory!r}",
+                           f"use one of {', '.join(PIN_FACTORIES)}")
+        lines[role] = RelayLine(role, gpio, sub.get("active_high", bool, True), line_factory)
+        sub.done()
+    if lines["power"] is None:
+        raise t.fail("power", "is missing", "add [relays.power] with the GPIO that switches the module's power")
+    off_time = t.positive("off_time", 0.5 if virtual else 2.0)
+    protect = t.get("nwp_protect_at_rest", bool, False)
+    if protect and lines["eeprom_nwp"] is None:
+        raise t.fail("nwp_protect_at_rest", "is set but EEPROM_nWP is not wired",
+                     "add [relays.eeprom_nwp] or remove nwp_protect_at_rest")
+    t.done()
+    return Relays(lines["power"], lines["nrpi_boot"], lines["eeprom_nwp"], off_time, protect)
+
+
+def _ports(t: _Table) -> tuple[str, ...]:
+    port = t.get("port", str)
+    ports = t.get("ports", list)
+    if port is None and not ports:
+        raise t.fail("port", "is missing", 'add port = "BUS-PORT[.PORT...]" (the module\'s USB slave port, e.g. 1-1.3)')
+    if port is not None and ports:
+        raise t.fail("ports", "port and ports are both set", "list every port in ports, or use port alone")
+    all_ports = [port] if port is not None else list(ports)
+    for p in all_ports:
+        if not isinstance(p, str) or not _PORT_PATH.match(p):
+            raise t.fail("port", f"{p!r} is not a USB port path",
+                         "write it as lsusb -t / sysfs shows it: BUS-PORT[.PORT...], e.g. 1-1.3")
+    if len(set(all_ports)) != len(all_ports):
+        raise t.fail("ports", "lists a port twice", "list each port once")
+    return tuple(all_ports)
+
+
+def _console(t: _Table, rig_name: str, virtual: bool, check_devices: bool) -> Console:
+    baud = t.get("baud", int, 115200)
+    if baud <= 0:
+        raise t.fail("baud", f"{baud} is not a baud rate", "use the console's rate, usually 115200")
+    device = t.get("device", str)
+    t.done()
+    if virtual:
+        if device is not None:
+            raise t.fail("device", "a virtual rig makes its own console",
+                         "remove device; the virtual console appears under the runtime directory")
+        return Console(str(runtime_dir() / rig_name / "console"), baud, virtual=True)
+    if device is None:
+        raise t.fail("device", "is missing", 'add device = "/dev/serial/by-id/..." or a pyserial URL')
+    if check_devices and "://" not in device and not Path(device).exists():
+        raise t.fail("device", f"{device} does not exist",
+                     "plug in the USB-serial adapter or use its /dev/serial/by-id/ path")
+    return Console(device, baud)
+
+
+def _virtual(t: _Table, rig_name: str) -> Virtual:
+    speedup = t.get("speedup", float, 1.0)
+    if speedup <= 0:
+        raise t.fail("speedup", f"must be positive ({speedup})", "use 1 for real time, 10 to run ten times faster")
+    state = t.get("state_dir", str)
+    state_dir = Path(state).expanduser() if state else Path(
+        os.environ.get("HIL_STATE_DIR") or Path.home() / ".cache" / "cm-hil" / "virtual") / rig_name
+    e = t.table("emmc")
+    write_bps = read_bps = 35e6
+    errors: list[EmmcFault] = []
+    loop = True
+    if e:
+        write_bps = e.positive("write_mbps", 35.0) * 1e6
+        read_bps = e.positive("read_mbps", 35.0) * 1e6
+        loop = e.get("loop_device", bool, True)
+        for i, item in enumerate(e.get("io_errors", list, [])):
+            sub = _Table(e.file, f"{e.key('io_errors')}[{i}]", item)
+            offset = sub.size("offset", required=True)
+            length = sub.size("length", default=4096)
+            op = sub.get("op", str, "both")
+            if op not in ("read", "write", "both"):
+                raise sub.fail("op", f"{op!r} is not read, write or both", 'use op = "read", "write" or "both"')
+            sub.done()
+            assert offset is not None and length is not None
+            errors.append(EmmcFault(offset, length, op))
+        e.done()
+    usb = t.table("usb")
+    usb_data = dict(usb.data) if usb else {}
+    if usb:
+        usb.seen.update(usb.data)
+    console = t.table("console")
+    console_data = dict(console.data) if console else {}
+    if console:
+        console.seen.update(console.data)
+    t.done()
+    return Virtual(speedup, state_dir, VirtualEmmc(write_bps, read_bps, tuple(errors), loop), usb_data, console_data)
+
+
+def describe(rig: Rig) -> str:
+    """The resolved rig as a person reads it (``hil rig check``)."""
+    r = rig.relays
+    lines = [
+        f"rig        {rig.name}  ({rig.path})",
+        f"model      {rig.model.name} ({rig.model.chip}, boot ROM 0a5c:{rig.model.rom_pid:04x})",
+        f"eMMC       {rig.emmc_size} bytes ({rig.emmc_size / 1024**3:.2f} GiB)",
+        f"USB port   {', '.join(rig.usb_ports)}" + (f"  payload {rig.payload}" if rig.payload else ""),
+        f"console    {rig.console.device} @ {rig.console.baud}" + ("  (virtual pty)" if rig.console.virtual else ""),
+    ]
+    for line in r.lines():
+        lines.append(f"relay      {line.role:<10} GPIO{line.gpio:<3} active-{'high' if line.active_high else 'low'}"
+                     f"  pin factory {line.pin_factory}")
+    lines.append(f"off time   {r.off_time} s; EEPROM_nWP at rest: {'protected (low)' if r.nwp_protect_at_rest else 'released'}")
+    lines.append("timeouts   " + ", ".join(f"{k}={v:g}s" for k, v in rig.timeouts.items()))
+    lines.append("markers    " + ", ".join(f"{k}={v!r}" for k, v in rig.markers.items()))
+    if rig.virtual:
+        v = rig.virtual
+        rate = (lambda bps: "unlimited" if not bps else f"{bps / 1e6:g} MB/s")
+        lines.append(f"virtual    speed-up x{v.speedup:g}, state in {v.state_dir}")
+        lines.append(f"           eMMC write {rate(v.emmc.write_bps)}, read {rate(v.emmc.read_bps)}, "
+                     f"{len(v.emmc.io_errors)} injected I/O error(s)")
+        if v.usb:
+            lines.append(f"           USB {dict(v.usb)}")
+        if v.console:
+            lines.append(f"           console {dict(v.console)}")
+    return "\n".join(lines)
