@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Sets up cm-hil on a fresh Debian 12, as root (or with sudo): system packages, then a virtual environment
+# in .venv with the project and its tools. Safe to run again; it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+APT_PACKAGES=(
+  python3 python3-venv python3-gi                   # Debian's Python: PyGObject for umockdev comes from here
+  umockdev gir1.2-umockdev-1.0 libusb-1.0-0         # the virtual rig's USB side behind the real libusb
+  fuse3 libfuse2 util-linux                         # the virtual eMMC: FUSE speed model under a loop device
+  mtools dosfstools e2fsprogs fdisk                 # test images without mounting
+  xz-utils zstd bzip2 gzip bmap-tools               # image formats and the peer tools the benchmarks compare with
+)
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --system-site-packages: umockdev's Python bindings (gi) come from Debian's python3-gi; PyPI's PyGObject
+# needs a newer GLib than Debian 12 has.
+if [ ! -x .venv/bin/python ]; then
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[dev]'
+echo "setup: done. The hil command is .venv/bin/hil"
