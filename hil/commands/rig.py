@@ -7,7 +7,7 @@ import argparse
 from hil.rig import describe, load_rig
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     rig = sub.add_parser("rig", help="rig files")
     rig_sub = rig.add_subparsers(dest="rig_command", required=True, metavar="ACTION")
     check = rig_sub.add_parser("check", help="validate a rig file and print the resolved rig")
