@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TextIO
 
 import serial
 
@@ -56,7 +57,7 @@ class Console:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._t0 = time.monotonic()
-        self._log = None
+        self._log: TextIO | None = None
 
     # lifetime -------------------------------------------------------------------------------------------
     def open(self) -> Console:
