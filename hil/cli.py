@@ -7,14 +7,15 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from hil.errors import ExitCode, HilError
+from hil.errors import HilError
 
 #: Modules under hil.commands, each with ``register(subparsers)``; later issues add theirs here.
-COMMAND_MODULES = ("rig", "image")
+COMMAND_MODULES = ("rig", "image", "usbboot", "virtual")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hil", description="Hardware-in-the-loop tests for Raspberry Pi Compute Modules.")
+    parser = argparse.ArgumentParser(prog="hil",
+                                     description="Hardware-in-the-loop tests for Raspberry Pi Compute Modules.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"hil.commands.{name}").register(sub)

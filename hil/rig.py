@@ -437,17 +437,21 @@ def describe(rig: Rig) -> str:
     for line in r.lines():
         lines.append(f"relay      {line.role:<10} GPIO{line.gpio:<3} active-{'high' if line.active_high else 'low'}"
                      f"  pin factory {line.pin_factory}")
-    lines.append(f"off time   {r.off_time} s; EEPROM_nWP at rest: {'protected (low)' if r.nwp_protect_at_rest else 'released'}")
+    rest = "protected (low)" if r.nwp_protect_at_rest else "released"
+    lines.append(f"off time   {r.off_time} s; EEPROM_nWP at rest: {rest}")
     lines.append("timeouts   " + ", ".join(f"{k}={v:g}s" for k, v in rig.timeouts.items()))
     lines.append("markers    " + ", ".join(f"{k}={v!r}" for k, v in rig.markers.items()))
     if rig.virtual:
         v = rig.virtual
-        rate = (lambda bps: "unlimited" if not bps else f"{bps / 1e6:g} MB/s")
         lines.append(f"virtual    speed-up x{v.speedup:g}, state in {v.state_dir}")
-        lines.append(f"           eMMC write {rate(v.emmc.write_bps)}, read {rate(v.emmc.read_bps)}, "
+        lines.append(f"           eMMC write {_rate(v.emmc.write_bps)}, read {_rate(v.emmc.read_bps)}, "
                      f"{len(v.emmc.io_errors)} injected I/O error(s)")
         if v.usb:
             lines.append(f"           USB {dict(v.usb)}")
         if v.console:
             lines.append(f"           console {dict(v.console)}")
     return "\n".join(lines)
+
+
+def _rate(bps: float) -> str:
+    return "unlimited" if not bps else f"{bps / 1e6:g} MB/s"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -22,10 +23,8 @@ def pty() -> Iterator[tuple[int, str]]:
     path = os.ttyname(slave)
     yield master, path
     os.close(slave)
-    try:
+    with contextlib.suppress(OSError):
         os.close(master)
-    except OSError:
-        pass
 
 
 def fake_shell(master: int, stop: threading.Event) -> None:
