@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-_session_dir = Path(tempfile.mkdtemp(prefix="cm-hil-tests-"))
-os.environ.setdefault("HIL_RUNTIME_DIR", str(_session_dir / "run"))
-os.environ.setdefault("HIL_STATE_DIR", str(_session_dir / "state"))
+_owned: Path | None = None
+if "HIL_RUNTIME_DIR" not in os.environ:  # xdist workers inherit the controller's folders
+    _owned = Path(tempfile.mkdtemp(prefix="cm-hil-tests-"))
+    os.environ["HIL_RUNTIME_DIR"] = str(_owned / "run")
+    os.environ.setdefault("HIL_STATE_DIR", str(_owned / "state"))
 os.environ.setdefault("GPIOZERO_PIN_FACTORY", "mock")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,5 +25,5 @@ def repo() -> Path:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if not hasattr(config, "workerinput"):  # the xdist controller (or a plain run) owns the folder
-        shutil.rmtree(_session_dir, ignore_errors=True)
+    if _owned is not None:
+        shutil.rmtree(_owned, ignore_errors=True)
