@@ -10,6 +10,7 @@ APT_PACKAGES=(
   fuse3 libfuse2 util-linux                         # the virtual eMMC: FUSE speed model under a loop device
   mtools dosfstools e2fsprogs fdisk                 # test images without mounting
   xz-utils zstd bzip2 gzip bmap-tools               # image formats and the peer tools the benchmarks compare with
+  usbutils                                          # lsusb: a non-Python program the tests run against the virtual rig
 )
 
 SUDO=""

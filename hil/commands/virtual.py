@@ -73,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
         if relays.nrpi_boot is not None:
             relays.nrpi_boot.set(args.boot_mode == "usb")
         relays.power.set(True)
-        env = dict(os.environ, **UsbBus.get().child_env(), HIL_RUNTIME_DIR=str(runtime_dir()))
+        env = {**os.environ, **UsbBus.get().child_env(), "HIL_RUNTIME_DIR": str(runtime_dir())}
         print(f"hil: virtual {rig.model.name} powered ({args.boot_mode} boot); USB port {rig.usb_port}, "
               f"console {rig.console.device}", file=sys.stderr)
         try:
