@@ -11,6 +11,7 @@ APT_PACKAGES=(
   mtools dosfstools e2fsprogs fdisk                 # test images without mounting
   xz-utils zstd bzip2 gzip bmap-tools               # image formats and the peer tools the benchmarks compare with
   usbutils                                          # lsusb: a non-Python program the tests run against the virtual rig
+  chromium                                          # the browser that checks rendered reports (no download)
 )
 
 SUDO=""
@@ -33,4 +34,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[dev]'
+# Allure Report 3, pinned in report/package-lock.json; nothing is downloaded when a report is rendered.
+if ! command -v npm >/dev/null; then
+  echo "setup: Node.js with npm is needed for the Allure report generator (Debian: apt-get install nodejs npm)" >&2
+  exit 1
+fi
+if [ ! -x report/node_modules/.bin/allure ]; then
+  npm ci --prefix report --no-audit --no-fund --loglevel=error
+fi
 echo "setup: done. The hil command is .venv/bin/hil"

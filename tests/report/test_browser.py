@@ -1,0 +1,81 @@
+"""The rendered report as a person sees it in headless Chromium (Debian's), with the lab's network closed."""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHECK = Path(__file__).with_name("report_check.mjs")
+NODE_MODULES = Path(__file__).resolve().parents[2] / "report" / "node_modules"
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def served_url(served_report: Path) -> Iterator[str]:
+    """The default report behind a static HTTP server on a free loopback port."""
+    handler = functools.partial(_QuietHandler, directory=str(served_report.parent))
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}/{served_report.name}"
+        finally:
+            server.shutdown()
+            thread.join()
+
+
+def _look_at(url: str, sample: SimpleNamespace) -> dict:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing. Fix: apt-get install chromium")
+    if not (NODE_MODULES / "playwright-core").is_dir():
+        pytest.fail(f"{NODE_MODULES}/playwright-core is missing. Fix: npm ci --prefix {NODE_MODULES.parent}")
+    spec = {
+        "test": "test_flash_and_boot",
+        "step": sample.step,
+        "attachment": sample.attachment,
+        "content": sample.content,
+        "categories": {
+            "Rig (infrastructure) failures": "test_rig_failure",
+            "Module (product) failures": "test_module_failure",
+        },
+    }
+    done = subprocess.run(
+        ["node", str(CHECK), url, json.dumps(spec)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def _check(seen: dict, sample: SimpleNamespace) -> None:
+    assert seen["outside"] == []
+    assert seen["errors"] == []
+    stops = seen["stops"]
+    assert all(test in stops["home"] for test in sample.expected_category)
+    assert sample.step in stops["test"]
+    assert sample.attachment in stops["step"]
+    assert sample.content in stops["attachment"]
+    rig = stops["category Rig (infrastructure) failures"]
+    assert "test_rig_failure" in rig.split("Rig (infrastructure) failures", 1)[1].split("Module (product)", 1)[0]
+    module = stops["category Module (product) failures"]
+    assert "test_module_failure" in module.split("Module (product) failures", 1)[1].split("Unclassified", 1)[0]
+
+
+def test_served_report_shows_steps_attachment_and_categories(served_url: str, sample: SimpleNamespace) -> None:
+    _check(_look_at(served_url, sample), sample)
+
+
+def test_single_file_report_opens_from_disk(single_file_report: Path, sample: SimpleNamespace) -> None:
+    _check(_look_at(single_file_report.as_uri(), sample), sample)
