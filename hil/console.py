@@ -8,10 +8,11 @@ they appear. A timeout error shows the last lines and where the full log is.
 
 from __future__ import annotations
 
+import bisect
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -46,11 +47,13 @@ class Console:
         self._forbidden = [re.compile(p) for p in forbidden]
         self._cond = threading.Condition()
         self._text = ""  # everything received, decoded
+        self._arrivals: list[tuple[int, float]] = []  # (offset in _text, seconds since open) per chunk
+        self._listener: Callable[[bytes], None] | None = None
         self._cursor = 0  # expect() searches from here
         self._lines: list[Line] = []
         self._partial = ""
         self._violation: str | None = None
-        self._failure: BaseException | None = None
+        self._failure: HilError | None = None
         self._garbage = 0
         self._received = 0
         self._port: serial.SerialBase | None = None
@@ -114,11 +117,19 @@ class Console:
             if data:
                 self._feed(data)
 
+    def on_receive(self, callback: Callable[[bytes], None] | None) -> None:
+        """Also hand every chunk received to ``callback`` (from the reader thread), e.g. to show it live."""
+        self._listener = callback
+
     def _feed(self, data: bytes) -> None:
+        listener = self._listener
+        if listener is not None:
+            listener(data)
         self._received += len(data)
         self._garbage += len(data) - len(_PRINTABLE.findall(data))
         text = _ANSI.sub("", data.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n"))
         with self._cond:
+            self._arrivals.append((len(self._text), self.now()))
             self._text += text
             self._partial += text
             *complete, self._partial = self._partial.split("\n")
@@ -144,6 +155,21 @@ class Console:
             self._partial = ""
 
     # reading --------------------------------------------------------------------------------------------
+    def now(self) -> float:
+        """Seconds since the console was opened: the time base of lines and :meth:`arrival`."""
+        return time.monotonic() - self._t0
+
+    def arrival(self, match: re.Match[str]) -> float:
+        """When the text a match of :meth:`expect` ends with arrived (seconds since open)."""
+        with self._cond:
+            i = bisect.bisect_right(self._arrivals, (max(match.end() - 1, 0), float("inf"))) - 1
+            return self._arrivals[i][1] if i >= 0 else 0.0
+
+    @property
+    def received(self) -> int:
+        """Bytes received since the last :meth:`skip_pending` (or open)."""
+        return self._received
+
     @property
     def lines(self) -> list[Line]:
         with self._cond:
@@ -166,9 +192,11 @@ class Console:
         return "\n".join(shown) if shown else "(nothing received)"
 
     def skip_pending(self) -> None:
-        """Forget what arrived so far: the next expect only sees new output."""
+        """Forget what arrived so far (forbidden lines included): the next expect only sees new output."""
         with self._cond:
             self._cursor = len(self._text)
+            self._violation = None
+            self._garbage = self._received = 0
 
     def expect(self, pattern: str | re.Pattern[str], timeout: float, *, stage: str,
                fault: Fault = Fault.PRODUCT, what: str = "") -> re.Match[str]:
@@ -194,7 +222,7 @@ class Console:
 
     def _raise_pending(self, stage: str) -> None:
         if self._failure is not None:
-            raise self._failure
+            raise InfrastructureError(self._failure.message, stage=stage, log=str(self.log_path), tail=self.tail())
         if self._violation is not None:
             line, self._violation = self._violation, None
             raise ProductError(f"the console showed a forbidden line: {line.strip()!r}", stage=stage,
@@ -212,11 +240,16 @@ class Console:
                             stage=stage, fault=fault, log=str(self.log_path), tail=self.tail())
 
     # writing --------------------------------------------------------------------------------------------
-    def send(self, text: str) -> None:
+    @property
+    def failure(self) -> HilError | None:
+        """Why the console stopped capturing (adapter gone), or None while it works."""
+        return self._failure
+
+    def send(self, text: str | bytes) -> None:
         if self._port is None:
             raise InfrastructureError("the console is not open", stage="console.write")
         try:
-            self._port.write(text.encode())
+            self._port.write(text.encode() if isinstance(text, str) else text)
             self._port.flush()
         except (serial.SerialException, OSError) as e:
             raise InfrastructureError(f"cannot write to the console {self.device}: {e}",
@@ -227,9 +260,12 @@ class Console:
 
     # shell ----------------------------------------------------------------------------------------------
     def login(self, user: str = "root", password: str | None = None, *, timeout: float = 30.0,
-              login_prompt: str = r"login: ?$", shell_prompt: str = r"[#$] ?$") -> None:
-        """Answer a login prompt that is already on screen or about to be."""
-        self.expect(login_prompt, timeout, stage="console.login", what="login prompt")
+              login_prompt: str = r"login: ?$", shell_prompt: str = r"[#$] ?$", prompt_seen: bool = False) -> None:
+        """Answer a login prompt that is already on screen or about to be.
+
+        ``prompt_seen``: the caller's own expect already consumed the prompt (e.g. to time it)."""
+        if not prompt_seen:
+            self.expect(login_prompt, timeout, stage="console.login", what="login prompt")
         self.send_line(user)
         if password is not None:
             self.expect(r"[Pp]assword: ?$", timeout, stage="console.login", what="password prompt")

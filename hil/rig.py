@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shlex
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -81,6 +82,26 @@ class Relays:
         return [x for x in (self.power, self.nrpi_boot, self.eeprom_nwp) if x is not None]
 
 
+POWER_BACKENDS = ("relay", "uhubctl", "command")
+
+
+@dataclass(frozen=True)
+class Power:
+    """What switches the module's supply: the power relay, a hub port (uhubctl) or external commands.
+
+    ``command`` backends give argument lists: ``on`` and ``off`` switch, ``status`` (optional) prints
+    ``on`` or ``off`` so the state can be read back.
+    """
+
+    backend: str = "relay"
+    hub: str = ""  # uhubctl: the hub's location (-l), e.g. 1-1
+    port: int = 0  # uhubctl: the port on that hub (-p)
+    program: str = "uhubctl"
+    on: tuple[str, ...] = ()
+    off: tuple[str, ...] = ()
+    status: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class Console:
     """The module's serial console: a device path or a pyserial URL (``rfc2217://``, ``socket://``)."""
@@ -135,6 +156,7 @@ class Rig:
     forbidden: tuple[str, ...]
     virtual: Virtual | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    power: Power = field(default_factory=Power)
 
     @property
     def usb_port(self) -> str:
@@ -256,7 +278,9 @@ def _parse(file: Path, raw: dict[str, Any], check_devices: bool) -> Rig:
         raise emmc.fail("size", f"{emmc_size} bytes is not usable for a virtual eMMC",
                         "use a whole number of MiB, at least 64MiB")
 
-    relays = _relays(top.table("relays", required=True), virtual is not None)  # type: ignore[arg-type]
+    power = _power(top.table("power"), virtual is not None)
+    relays = _relays(top.table("relays", required=True), virtual is not None,  # type: ignore[arg-type]
+                     power.backend == "relay")
     usb = top.table("usb", required=True)
     assert usb is not None
     ports = _ports(usb)
@@ -296,7 +320,7 @@ def _parse(file: Path, raw: dict[str, Any], check_devices: bool) -> Rig:
     top.done()
     return Rig(name=name, path=file, model=model, emmc_size=emmc_size, relays=relays, usb_ports=ports,
                payload=payload, console=console, timeouts=timeouts, markers=markers, forbidden=forbidden,
-               virtual=virtual)
+               virtual=virtual, power=power)
 
 
 def _regex(t: _Table, key: str) -> str:
@@ -312,7 +336,47 @@ def _regex_check(t: _Table, key: str, value: str) -> None:
         raise t.fail(key, f"{value!r} is not a valid regular expression ({e})", "escape special characters") from None
 
 
-def _relays(t: _Table, virtual: bool) -> Relays:
+def _power(t: _Table | None, virtual: bool) -> Power:
+    if t is None:
+        return Power()
+    backend = t.get("backend", str, "relay")
+    if backend not in POWER_BACKENDS:
+        raise t.fail("backend", f"unknown power backend {backend!r}", f"use one of {', '.join(POWER_BACKENDS)}")
+    if virtual and backend != "relay":
+        raise t.fail("backend", "a virtual module is powered through its relay",
+                     'set backend = "relay" or remove [power]')
+    power = Power(backend)
+    if backend == "uhubctl":
+        hub = t.get("hub", str, required=True, fix='add hub = "1-1" (the hub\'s location as uhubctl -l takes it)')
+        if not _PORT_PATH.match(hub) and not re.match(r"^\d+$", hub):
+            raise t.fail("hub", f"{hub!r} is not a hub location", 'write it as uhubctl lists it, e.g. "1-1"')
+        port = t.get("port", int, required=True, fix="add port = N (the hub port the module's supply is on)")
+        if not 1 <= port <= 255:
+            raise t.fail("port", f"{port} is not a hub port number", "use the port number uhubctl shows")
+        power = Power(backend, hub=hub, port=port, program=t.get("program", str, "uhubctl"))
+    elif backend == "command":
+        on, off = _argv(t, "on", required=True), _argv(t, "off", required=True)
+        power = Power(backend, on=on, off=off, status=_argv(t, "status", required=False))
+    t.done()
+    return power
+
+
+def _argv(t: _Table, name: str, *, required: bool) -> tuple[str, ...]:
+    """A command as a list of arguments, or a string split as a shell would (without running one)."""
+    value = t.get(name, (str, list), required=required,
+                  fix=f'add {name} = ["program", "arg", ...] to [{t.where}]')
+    if value is None:
+        return ()
+    try:
+        argv = shlex.split(value) if isinstance(value, str) else list(value)
+    except ValueError as e:
+        raise t.fail(name, f"cannot be split into arguments ({e})", "close the quotes") from None
+    if not argv or not all(isinstance(a, str) and a for a in argv):
+        raise t.fail(name, "must name a program and its arguments as strings", f'write {name} = ["program", "arg"]')
+    return tuple(argv)
+
+
+def _relays(t: _Table, virtual: bool, power_relay: bool = True) -> Relays:
     factory = t.get("pin_factory", str, "mock" if virtual else "lgpio")
     if factory not in PIN_FACTORIES:
         raise t.fail("pin_factory", f"unknown pin factory {factory!r}", f"use one of {', '.join(PIN_FACTORIES)}")
@@ -339,7 +403,10 @@ def _relays(t: _Table, virtual: bool) -> Relays:
                            f"use one of {', '.join(PIN_FACTORIES)}")
         lines[role] = RelayLine(role, gpio, sub.get("active_high", bool, True), line_factory)
         sub.done()
-    if lines["power"] is None:
+    if lines["power"] is not None and not power_relay:
+        raise t.fail("power", "is set, but [power] switches the module's supply another way",
+                     "remove [relays.power] or set [power] backend = \"relay\"")
+    if lines["power"] is None and power_relay:
         raise t.fail("power", "is missing", "add [relays.power] with the GPIO that switches the module's power")
     off_time = t.positive("off_time", 0.5 if virtual else 2.0)
     protect = t.get("nwp_protect_at_rest", bool, False)
@@ -434,6 +501,11 @@ def describe(rig: Rig) -> str:
         f"USB port   {', '.join(rig.usb_ports)}" + (f"  payload {rig.payload}" if rig.payload else ""),
         f"console    {rig.console.device} @ {rig.console.baud}" + ("  (virtual pty)" if rig.console.virtual else ""),
     ]
+    if rig.power.backend == "uhubctl":
+        lines.append(f"power      uhubctl hub {rig.power.hub} port {rig.power.port} ({rig.power.program})")
+    elif rig.power.backend == "command":
+        lines.append(f"power      commands: on {shlex.join(rig.power.on)}; off {shlex.join(rig.power.off)}"
+                     + (f"; status {shlex.join(rig.power.status)}" if rig.power.status else ""))
     for line in r.lines():
         lines.append(f"relay      {line.role:<10} GPIO{line.gpio:<3} active-{'high' if line.active_high else 'low'}"
                      f"  pin factory {line.pin_factory}")

@@ -69,6 +69,8 @@ BROKEN = [
     (GOOD.replace("speedup = 10", "speedup = 0"), "virtual.speedup", "positive"),
     (GOOD + "[boot.markers]\nlogin = '(['\n", "boot.markers.login", "regular expression"),
     ("model = [", "", "valid TOML"),
+    (GOOD + '[power]\nbackend = "uhubctl"\nhub = "1-1"\nport = 2\n', "power.backend", "relay"),
+    (GOOD + '[power]\nbackend = "plug"\n', "power.backend", "uhubctl"),
 ]
 
 
@@ -106,3 +108,33 @@ def test_cli_check_prints_rig_and_exit_codes(tmp_path: Path, capsys: pytest.Capt
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "model" in err and "Traceback" not in err
     assert main(["rig", "check", str(tmp_path / "missing.toml")]) == 2
+
+
+REAL = GOOD.replace("[virtual]\nspeedup = 10\n", "").replace('"256MiB"', '"8GB"').replace(
+    "baud = 115200", 'device = "/dev/null"')
+NO_POWER_RELAY = REAL.replace("[relays.power]\ngpio = 17\n", "")
+
+
+def test_power_backends_resolve(tmp_path: Path) -> None:
+    assert load_rig(write(tmp_path, REAL)).power.backend == "relay"
+    hub = load_rig(write(tmp_path, NO_POWER_RELAY + '[power]\nbackend = "uhubctl"\nhub = "1-1"\nport = 3\n'))
+    assert (hub.power.backend, hub.power.hub, hub.power.port, hub.relays.power) == ("uhubctl", "1-1", 3, None)
+    cmd = load_rig(write(tmp_path, NO_POWER_RELAY + '[power]\nbackend = "command"\non = "plug on \'lab 1\'"\n'
+                         'off = ["plug", "off", "lab 1"]\n'))
+    assert cmd.power.on == ("plug", "on", "lab 1") and cmd.power.off == ("plug", "off", "lab 1")
+    assert cmd.power.status == ()
+
+
+@pytest.mark.parametrize(("text", "key", "fix"), [
+    (REAL + '[power]\nbackend = "uhubctl"\nhub = "1-1"\nport = 3\n', "relays.power", "remove [relays.power]"),
+    (NO_POWER_RELAY + '[power]\nbackend = "uhubctl"\nport = 3\n', "power.hub", "uhubctl -l"),
+    (NO_POWER_RELAY + '[power]\nbackend = "uhubctl"\nhub = "1-1"\nport = 0\n', "power.port", "port number"),
+    (NO_POWER_RELAY + '[power]\nbackend = "command"\non = ["x"]\n', "power.off", "add off"),
+    (NO_POWER_RELAY + '[power]\nbackend = "command"\non = "x \'y"\noff = "x"\n', "power.on", "quotes"),
+    (NO_POWER_RELAY + '[power]\nbackend = "command"\non = ["x", 1]\noff = "x"\n', "power.on", "strings"),
+    (NO_POWER_RELAY, "relays.power", "add [relays.power]"),
+])
+def test_broken_power_names_key_and_fix(tmp_path: Path, text: str, key: str, fix: str) -> None:
+    with pytest.raises(RigFileError) as info:
+        load_rig(write(tmp_path, text))
+    assert key in str(info.value) and fix in str(info.value)
