@@ -12,6 +12,7 @@ APT_PACKAGES=(
   xz-utils zstd bzip2 gzip bmap-tools               # image formats and the peer tools the benchmarks compare with
   usbutils                                          # lsusb: a non-Python program the tests run against the virtual rig
   chromium                                          # the browser that checks rendered reports (no download)
+  qemu-system-arm cpio                              # the virtual CM3 that boots the flashed image with a real kernel
 )
 
 SUDO=""
