@@ -1,0 +1,122 @@
+"""Find the module's disk: the block device whose USB ancestor sits on the rig's port.
+
+The port path (``1-1.4``) is the one identity that survives re-enumeration; ``sdX`` names do not, and a
+second module or a USB stick on another port must never be mistaken for ours. Waiting is driven by
+block uevents (with a slow re-scan as a safety net), first for the disk, then for its medium to have a
+size (mass-storage devices may report "no medium" for a while).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyudev
+
+from hil.errors import InfrastructureError, ProductError
+from hil.usbboot.events import monitor_source
+
+STAGE = "disk.discovery"
+_RESCAN = 0.5  # s: look again even without an event
+
+
+@dataclass(frozen=True)
+class Disk:
+    node: str  # /dev/sdX
+    syspath: str
+    port: str  # USB port path of the disk's USB device, e.g. 1-1.4
+    size: int  # bytes; 0 = no medium
+    vendor: str
+    model: str
+    bus: str  # ID_BUS: "usb" for a USB mass-storage disk
+    id_path: str | None  # udev's ID_PATH
+    serial: str | None
+
+    @property
+    def by_path(self) -> str | None:
+        """``/dev/disk/by-path/...`` when udev made that link."""
+        if not self.id_path:
+            return None
+        link = f"/dev/disk/by-path/{self.id_path}"
+        return link if os.path.lexists(link) else None
+
+    def describe(self) -> str:
+        ident = " ".join(x for x in (self.vendor, self.model) if x) or "unknown"
+        return f"{self.node} ({ident}, {self.size} bytes, USB port {self.port})"
+
+
+def usb_port(device: pyudev.Device) -> str | None:
+    """The port path of the USB device a block device hangs off, or None if it is not behind USB."""
+    usb = device.find_parent("usb", "usb_device")
+    return usb.sys_name if usb is not None else None
+
+
+def _disk(device: pyudev.Device) -> Disk | None:
+    port = usb_port(device)
+    node = device.device_node
+    if port is None or node is None:
+        return None
+    props = device.properties
+    scsi = device.find_parent("scsi", "scsi_device")
+
+    def text(key: str, attr: str) -> str:
+        value = props.get(key)
+        if value is None and scsi is not None:
+            raw = scsi.attributes.get(attr)
+            value = raw.decode(errors="replace") if raw else ""
+        return (value or "").strip()
+
+    try:
+        size = device.attributes.asint("size") * 512
+    except (KeyError, ValueError):
+        size = 0
+    return Disk(node=node, syspath=device.sys_path, port=port, size=size, vendor=text("ID_VENDOR", "vendor"),
+                model=text("ID_MODEL", "model"), bus=props.get("ID_BUS", "usb"), id_path=props.get("ID_PATH"),
+                serial=props.get("ID_SERIAL"))
+
+
+def disks_on_port(port: str, context: pyudev.Context | None = None) -> list[Disk]:
+    """Whole disks behind the USB device on ``port``, as things are now."""
+    context = context or pyudev.Context()
+    found = []
+    for device in context.list_devices(subsystem="block", DEVTYPE="disk"):
+        disk = _disk(device)
+        if disk is not None and disk.port == port:
+            found.append(disk)
+    return found
+
+
+def wait_for_disk(port: str, timeout: float, *, context: pyudev.Context | None = None,
+                  clock: Callable[[], float] = time.monotonic) -> Disk:
+    """The disk on ``port`` once its medium has a size. Disks on other ports are ignored."""
+    context = context or pyudev.Context()
+    monitor = pyudev.Monitor.from_netlink(context, source=monitor_source())
+    monitor.filter_by("block")
+    monitor.start()
+    deadline = clock() + timeout
+    seen: list[Disk] = []
+    try:
+        while True:
+            seen = disks_on_port(port, context)
+            if len(seen) > 1:
+                raise InfrastructureError(
+                    f"USB port {port} has {len(seen)} disks ({', '.join(d.node for d in seen)}); a Compute "
+                    "Module shows one. Fix: check the rig's port (is a hub or card reader on it?)",
+                    stage=STAGE, disks=[d.node for d in seen])
+            if seen and seen[0].size > 0:
+                return seen[0]
+            remaining = deadline - clock()
+            if remaining <= 0:
+                break
+            while monitor.poll(timeout=min(remaining, _RESCAN)) is not None:
+                if monitor.poll(timeout=0) is None:  # drain a burst, then look again
+                    break
+    finally:
+        del monitor
+    if seen:
+        raise ProductError(f"the disk {seen[0].node} on USB port {port} still has no medium (size 0) after "
+                           f"{timeout:g} s: the module's eMMC did not come up", stage=STAGE, disk=seen[0].node)
+    raise InfrastructureError(f"no disk appeared on USB port {port} within {timeout:g} s. Fix: check that the "
+                              "module reached mass-storage mode and the rig's usb port is right", stage=STAGE)
