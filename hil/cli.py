@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from hil.errors import HilError
 
 #: Modules under hil.commands, each with ``register(subparsers)``; later issues add theirs here.
-COMMAND_MODULES = ("rig", "image", "usbboot", "virtual", "rigcontrol", "flash")
+COMMAND_MODULES = ("rig", "image", "usbboot", "virtual", "rigcontrol", "flash", "nightly", "matrix", "eeprom")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -139,6 +139,11 @@ class Virtual:
     emmc: VirtualEmmc
     usb: Mapping[str, Any]  # quirks and faults of the USB side, validated by the virtual USB model
     console: Mapping[str, Any]  # faults of the console side (unplug, garbage)
+    #: USB port -> its host controller and profile ("xhci-lenient", "ehci-strict"), checked by the virtual bus;
+    #: ports not listed hang off a lenient xHCI controller
+    controllers: Mapping[str, str] = field(default_factory=dict)
+    #: what boots from the eMMC: "model" (the simulated boot chain) or "qemu" (a real kernel; cm3 and cm3+)
+    boot_engine: str = "model"
 
 
 @dataclass(frozen=True)
@@ -277,6 +282,13 @@ def _parse(file: Path, raw: dict[str, Any], check_devices: bool) -> Rig:
     if virtual is not None and (emmc_size < 64 * 1024**2 or emmc_size % (1024 * 1024)):
         raise emmc.fail("size", f"{emmc_size} bytes is not usable for a virtual eMMC",
                         "use a whole number of MiB, at least 64MiB")
+    if virtual is not None and virtual.boot_engine == "qemu":
+        if model.chip != "bcm2837":
+            raise RigFileError(file, "virtual.boot_engine", f"QEMU boots only a cm3 or cm3+ (its raspi3b machine is "
+                               f"their BCM2837), not a {model.name}", 'set boot_engine = "model" or model = "cm3"')
+        if emmc_size & (emmc_size - 1):
+            raise emmc.fail("size", f"{emmc_size} bytes is not a power of two, which QEMU needs for the SD card that "
+                            "stands in for the eMMC", 'use a power of two, e.g. "512MiB" or "1GiB"')
 
     power = _power(top.table("power"), virtual is not None)
     relays = _relays(top.table("relays", required=True), virtual is not None,  # type: ignore[arg-type]
@@ -284,6 +296,10 @@ def _parse(file: Path, raw: dict[str, Any], check_devices: bool) -> Rig:
     usb = top.table("usb", required=True)
     assert usb is not None
     ports = _ports(usb)
+    for port in virtual.controllers if virtual else ():
+        if port not in ports:
+            raise RigFileError(file, f"virtual.usb.controllers.{port}", f"names port {port}, which [usb] does not list",
+                               f"add it to [usb] ports or use one of {', '.join(ports)}")
     payload_s = usb.get("payload", str)
     payload = (file.parent / payload_s).resolve() if payload_s else None
     usb.done()
@@ -457,6 +473,10 @@ def _virtual(t: _Table, rig_name: str) -> Virtual:
     speedup = t.get("speedup", float, 1.0)
     if speedup <= 0:
         raise t.fail("speedup", f"must be positive ({speedup})", "use 1 for real time, 10 to run ten times faster")
+    boot_engine = t.get("boot_engine", str, "model")
+    if boot_engine not in ("model", "qemu"):
+        raise t.fail("boot_engine", f"unknown boot engine {boot_engine!r}",
+                     'use "model" (the simulated boot) or "qemu" (a real kernel under QEMU)')
     state = t.get("state_dir", str)
     state_dir = Path(state).expanduser() if state else Path(
         os.environ.get("HIL_STATE_DIR") or Path.home() / ".cache" / "cm-hil" / "virtual") / rig_name
@@ -481,14 +501,33 @@ def _virtual(t: _Table, rig_name: str) -> Virtual:
         e.done()
     usb = t.table("usb")
     usb_data = dict(usb.data) if usb else {}
+    controllers: dict[str, str] = {}
     if usb:
+        c = usb.table("controllers")
+        controllers = _controllers(c) if c else {}
+        usb_data.pop("controllers", None)
         usb.seen.update(usb.data)
     console = t.table("console")
     console_data = dict(console.data) if console else {}
     if console:
         console.seen.update(console.data)
     t.done()
-    return Virtual(speedup, state_dir, VirtualEmmc(write_bps, read_bps, tuple(errors), loop), usb_data, console_data)
+    return Virtual(speedup, state_dir, VirtualEmmc(write_bps, read_bps, tuple(errors), loop), usb_data, console_data,
+                   controllers, boot_engine)
+
+
+def _controllers(t: _Table) -> dict[str, str]:
+    """``"PORT" = "KIND-PROFILE"``; which kinds and profiles exist is the virtual bus's to say."""
+    found: dict[str, str] = {}
+    for port in t.data:
+        value = t.get(port, str, fix=f'write "{port}" = "xhci-lenient" (or "ehci-strict", ...)')
+        if not _PORT_PATH.match(port):
+            raise t.fail(port, f"{port!r} is not a USB port path", 'quote a port of [usb] ports, e.g. "15-1"')
+        if not re.match(r"^[a-z]+(-[a-z]+)?$", value):
+            raise t.fail(port, f"{value!r} is not a controller",
+                         'write KIND-PROFILE, e.g. "xhci-lenient" or "ehci-strict"')
+        found[port] = value
+    return found
 
 
 def describe(rig: Rig) -> str:
@@ -516,10 +555,14 @@ def describe(rig: Rig) -> str:
     if rig.virtual:
         v = rig.virtual
         lines.append(f"virtual    speed-up x{v.speedup:g}, state in {v.state_dir}")
+        if v.boot_engine != "model":
+            lines.append(f"           eMMC boot under {v.boot_engine}")
         lines.append(f"           eMMC write {_rate(v.emmc.write_bps)}, read {_rate(v.emmc.read_bps)}, "
                      f"{len(v.emmc.io_errors)} injected I/O error(s)")
         if v.usb:
             lines.append(f"           USB {dict(v.usb)}")
+        if v.controllers:
+            lines.append("           controllers " + ", ".join(f"{p}: {c}" for p, c in v.controllers.items()))
         if v.console:
             lines.append(f"           console {dict(v.console)}")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,8 +85,12 @@ def minimum_size(spec: ImageSpec) -> int:
     return _align(_align(BOOT_START + spec.boot_size, ALIGN) + root, MiB)
 
 
-def build_image(out: Path, spec: ImageSpec) -> BuiltImage:
-    """Write the image (and the outputs ``spec`` asks for) at ``out``; remove them all if that fails."""
+def build_image(out: Path, spec: ImageSpec, *, extra_boot: Mapping[str, bytes | Path] | None = None,
+                extra_root: Callable[[Path], None] | None = None) -> BuiltImage:
+    """Write the image (and the outputs ``spec`` asks for) at ``out``; remove them all if that fails.
+
+    For images with real contents (:mod:`hil.image.bootable`): ``extra_boot`` adds or replaces boot partition
+    files (bytes, or a file to copy), and ``extra_root`` adds to the root tree before it becomes ext4."""
     out = Path(out)
     _validate(out, spec)
     build_id = spec.build_id or secrets.token_hex(6)
@@ -93,7 +98,7 @@ def build_image(out: Path, spec: ImageSpec) -> BuiltImage:
     layout = _layout(spec, disk_id)
     written: list[Path] = [out]
     try:
-        _write_raw(out, spec, layout, build_id)
+        _write_raw(out, spec, layout, build_id, extra_boot or {}, extra_root)
         compressed: dict[str, Path] = {}
         if spec.broken in ("truncated", "corrupt") and not spec.compress:
             _break_raw(out, layout, spec.broken)
@@ -160,18 +165,22 @@ def _layout(spec: ImageSpec, disk_id: int) -> DiskLayout:
     return DiskLayout(disk_id, (boot, Partition(2, root_start, size // SECTOR * SECTOR - root_start, 0x83)))
 
 
-def _write_raw(out: Path, spec: ImageSpec, layout: DiskLayout, build_id: str) -> None:
+def _write_raw(out: Path, spec: ImageSpec, layout: DiskLayout, build_id: str,
+               extra_boot: Mapping[str, bytes | Path], extra_root: Callable[[Path], None] | None) -> None:
     boot, root = layout.partitions
     with open(out, "wb") as f:  # truncating first leaves a fully sparse file, even over an old image
         f.truncate(root.end)
         f.write(encode(layout))
     with tempfile.TemporaryDirectory(prefix=".hil-image-", dir=out.parent) as tmp:
-        files = boot_partition(spec.model, disk_id=layout.disk_id, build_id=build_id, uart=spec.uart,
-                               config=spec.config, cmdline=spec.cmdline)
+        files = {**boot_partition(spec.model, disk_id=layout.disk_id, build_id=build_id, uart=spec.uart,
+                                  config=spec.config, cmdline=spec.cmdline), **extra_boot}
         staged = Path(tmp, "boot")
         staged.mkdir()
         for name, data in files.items():
-            (staged / name).write_bytes(data)
+            if isinstance(data, Path):
+                (staged / name).symlink_to(data.resolve())  # mcopy reads through the link
+            else:
+                (staged / name).write_bytes(data)
         first = boot.start // SECTOR  # --offset places it, -h records it as the hidden sectors
         cluster = _sectors_per_cluster(boot.size)
         run(["mkfs.fat", "-F", "32", "-n", "bootfs", "-S", str(SECTOR), "-s", str(cluster),
@@ -182,6 +191,8 @@ def _write_raw(out: Path, spec: ImageSpec, layout: DiskLayout, build_id: str) ->
             package="mtools", stage=_STAGE)
         rootdir = Path(tmp, "root")
         _populate_root(rootdir, spec, layout.disk_id, build_id)
+        if extra_root is not None:
+            extra_root(rootdir)
         run(["mkfs.ext4", "-q", "-F", "-T", "default", "-b", "4096", "-J", "size=4", "-L", "rootfs",
              "-E", f"offset={root.start},nodiscard,lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0",
              "-d", rootdir, out, str(root.size // 4096)], package="e2fsprogs", stage=_STAGE)

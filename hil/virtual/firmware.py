@@ -27,6 +27,7 @@ from hil.image import ext4, fat
 from hil.image.bootfs import ARM64_MAGIC, FDT_MAGIC, ZIMAGE_MAGIC, boot_files
 from hil.image.mbr import DiskLayout, Partition, partuuid, read_layout
 from hil.models import ModuleModel
+from hil.virtual.eeprom import Bootloader
 
 BOOTLOADER_BAUD = 115200  # the EEPROM bootloader's BOOT_UART rate
 FAT_TYPES = frozenset({0x01, 0x04, 0x06, 0x0B, 0x0C, 0x0E})
@@ -100,7 +101,6 @@ class _Chip:
     mmc_line: str
     flavour: str  # kernel flavour: 64-bit and (if any) 32-bit
     flavour32: str = ""
-    boot_order: int = 0  # EEPROM BOOT_ORDER (CM4/CM5 only)
     kernel32: str = ""  # kernel name with arm_64bit=0
 
 
@@ -114,11 +114,10 @@ _CHIPS: dict[str, _Chip] = {
     "cm4": _Chip("c03141", "0x410fd083", "ttyS0",
                  "fe215040.serial: ttyS0 at MMIO 0xfe215040 (irq = 34, base_baud = 62500000) is a 16550",
                  "mmc0: SDHCI controller on fe340000.mmc [fe340000.mmc] using ADMA", "v8", "v7l",
-                 boot_order=0xF25641, kernel32="kernel7l.img"),
+                 kernel32="kernel7l.img"),
     "cm5": _Chip("c04180", "0x414fd0b1", "ttyAMA10",
                  "107d001000.serial: ttyAMA10 at MMIO 0x107d001000 (irq = 16, base_baud = 0) is a PL011 AXI",
-                 "mmc0: SDHCI controller on 1000fff000.mmc [1000fff000.mmc] using ADMA 64-bit", "2712",
-                 boot_order=0xF2461),
+                 "mmc0: SDHCI controller on 1000fff000.mmc [1000fff000.mmc] using ADMA 64-bit", "2712"),
 }
 _CHIPS["cm3+"] = _CHIPS["cm3"]
 _CHIPS["cm4s"] = _Chip("a03150", "0x410fd083", "ttyAMA0",
@@ -130,10 +129,7 @@ _CHIPS["cm4s"] = _Chip("a03150", "0x410fd083", "ttyAMA0",
 _FILTERS = {"cm1": {"pi1", "cm1"}, "cm3": {"pi3", "cm3"}, "cm3+": {"pi3", "cm3+"}, "cm4": {"pi4", "cm4"},
             "cm4s": {"pi4", "cm4s"}, "cm5": {"pi5", "cm5"}}
 
-#: EEPROM bootloader release: version hash, build date, build timestamp.
-_EEPROM_RELEASES = {"cm4": ("8ba17717", "2024/04/15 TIME: 13:12:14", 1713186734),
-                    "cm5": ("69471177", "2025/05/08 TIME: 15:13:17", 1746713597)}
-_BOOT_MODES = {0x1: "SD", 0x2: "NETWORK", 0x3: "RPIBOOT", 0x4: "USB-MSD", 0x5: "BCM-USB-MSD", 0x6: "NVME",
+_BOOT_MODES = {0x0: "SD", 0x1: "SD", 0x2: "NETWORK", 0x3: "RPIBOOT", 0x4: "USB-MSD", 0x5: "BCM-USB-MSD", 0x6: "NVME",
                0x7: "HTTP", 0xE: "STOP", 0xF: "RESTART"}
 # What each boot mode prints when it finds nothing, and how long it looks (hardware seconds).
 _EMPTY_MODES: dict[int, tuple[float, tuple[str, ...]]] = {
@@ -157,13 +153,18 @@ def serial_number(rig_name: str) -> int:
     return zlib.crc32(rig_name.encode()) | 0x10000000
 
 
-def boot(model: ModuleModel, image: Path, serial: int) -> BootLog:
-    """The UART output of one boot from the eMMC image at ``image``; returns how the boot ends."""
+def boot(model: ModuleModel, image: Path, serial: int, eeprom: Bootloader | None = None) -> BootLog:
+    """The UART output of one boot from the eMMC image at ``image``; returns how the boot ends.
+
+    ``eeprom`` is the bootloader a CM4/CM5's EEPROM holds (None: no valid one, e.g. after a torn update)."""
     chip = _CHIPS[model.name]
     disk = _Disk(image)
     if not model.has_eeprom and model.name != "cm5":
         return (yield from _gpu_boot(model, chip, disk))
-    return (yield from _bootloader(model, chip, disk, serial))
+    if eeprom is None:  # the ROM finds no bootloader in the SPI flash: silence, then it waits on USB
+        yield Emit(0.3, "", None)
+        return UsbFallback()
+    return (yield from _bootloader(model, chip, disk, serial, eeprom))
 
 
 class _Disk:
@@ -240,15 +241,17 @@ def _gpu_boot(model: ModuleModel, chip: _Chip, disk: _Disk) -> BootLog:
     return (yield from _kernel(model, chip, disk, started=3.2))
 
 
-def _bootloader(model: ModuleModel, chip: _Chip, disk: _Disk, serial: int) -> BootLog:
-    """CM4/CM5: the EEPROM bootloader, which reports every step and retries its BOOT_ORDER forever."""
-    version, date, stamp = _EEPROM_RELEASES[model.name]
-    yield Emit(0.35, f"RPi: BOOTLOADER release VERSION:{version} DATE: {date}\n")
-    yield Emit(0.02, f"BOOTMODE: 0x06 partition 0 build-ts BUILD_TIMESTAMP={stamp} serial {serial:08x} "
+def _bootloader(model: ModuleModel, chip: _Chip, disk: _Disk, serial: int, eeprom: Bootloader) -> BootLog:
+    """CM4/CM5: the EEPROM bootloader, which reports every step and walks its BOOT_ORDER (forever, with
+    RESTART); a mode that finds nothing to boot hands over to the next."""
+    yield Emit(0.35, f"RPi: BOOTLOADER release VERSION:{eeprom.version} DATE: {eeprom.date}\n")
+    yield Emit(0.02, f"BOOTMODE: 0x06 partition 0 build-ts BUILD_TIMESTAMP={eeprom.timestamp} serial {serial:08x} "
                      f"boardrev {chip.boardrev} stc {400000 + serial % 90000}\n")
     yield Emit(0.05, "AON_RESET: 00000003 PM_RSTS: 00001000\n")
-    yield Emit(0.01, "POWER_OFF_ON_HALT: 0 WAIT_FOR_POWER_BUTTON: 0 power-on-reset: 1\n")
-    order = [int(c, 16) for c in reversed(f"{chip.boot_order:x}")]
+    settings = eeprom.config.settings
+    yield Emit(0.01, f"POWER_OFF_ON_HALT: {settings.get('POWER_OFF_ON_HALT', '0')} WAIT_FOR_POWER_BUTTON: "
+                     f"{settings.get('WAIT_FOR_POWER_BUTTON', '0')} power-on-reset: 1\n")
+    order = list(eeprom.config.boot_order.modes)
     while True:
         for i, mode in enumerate(order):
             rest = "".join(f"{m:x}" for m in reversed(order[i + 1:])) or "0"
@@ -257,7 +260,7 @@ def _bootloader(model: ModuleModel, chip: _Chip, disk: _Disk, serial: int) -> Bo
                 break  # RESTART: from the first mode again
             if mode == 0xE:
                 return Stuck("BOOT_ORDER says STOP")
-            if mode == 0x1:
+            if mode in (0x0, 0x1):  # SD CARD DETECT tries the card (the eMMC) just the same
                 outcome = yield from _sd_mode(model, chip, disk)
                 if not isinstance(outcome, _NothingToBoot):
                     return outcome

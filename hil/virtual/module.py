@@ -8,7 +8,12 @@
   rig's ``off_time`` is there to avoid.
 - nRPI_BOOT: sampled only when the SoC resets (power-on, or ``reboot``); changing it while the module
   runs changes nothing.
-- EEPROM_nWP: only its level is kept (:attr:`VirtualModule.eeprom_write_protected`), for the USB side.
+- ``boot_engine = "qemu"`` (CM3): the eMMC boot runs a real kernel under QEMU (:mod:`hil.virtual.qemu`),
+  which lives exactly as long as that power-on; no boot (USB boot included) starts before it is gone, so
+  the eMMC is never written from two sides at once.
+- EEPROM_nWP: only its level is kept (:attr:`VirtualModule.eeprom_write_protected`), for the EEPROM.
+- EEPROM (CM4/CM5): its bootloader and boot.conf decide what the eMMC boot prints and tries
+  (:mod:`hil.virtual.eeprom`); without a valid one the ROM stays silent and falls back to USB boot.
 
 Relay callbacks run in the framework's thread and return at once; each power-on runs in a thread of
 its own, and every delay in it is a :meth:`DeviceClock.sleep` that a power cut interrupts.
@@ -26,8 +31,9 @@ from typing import Protocol
 
 from hil.errors import HilError
 from hil.rig import RelayLine, Rig
-from hil.virtual import firmware
+from hil.virtual import firmware, qemu
 from hil.virtual.console import VirtualConsole
+from hil.virtual.eeprom import VirtualEeprom
 from hil.virtual.emmc import VirtualEmmc
 from hil.virtual.journal import Journal
 from hil.virtual.relays import Level, RelayBoardFactory
@@ -67,11 +73,12 @@ class _Session:
         self.inbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self.listening = False  # a getty or shell reads the console
         self.thread: threading.Thread | None = None
+        self.engine: qemu.QemuBoot | None = None  # the QEMU of this power-on (boot_engine = "qemu")
 
 
 class VirtualModule:
     def __init__(self, rig: Rig, emmc: VirtualEmmc, console: VirtualConsole, clock: DeviceClock,
-                 journal: Journal):
+                 journal: Journal, eeprom: VirtualEeprom | None = None):
         self.rig = rig
         self.emmc = emmc
         self.console = console
@@ -89,6 +96,12 @@ class VirtualModule:
         self._token = object()  # the pending discharge; a newer one (or a power return) voids it
         self._unwatch: list[Callable[[], None]] = []
         self._serial = firmware.serial_number(rig.name)
+        self._qemu = rig.virtual is not None and rig.virtual.boot_engine == "qemu"
+        self._qemu_alive = threading.Lock()  # held while a QEMU runs
+        if self._qemu:
+            qemu.check_host()
+        self.eeprom = eeprom or (VirtualEeprom(rig.model, None, journal, lambda: self.eeprom_write_protected)
+                                 if rig.model.has_eeprom else None)
         console.on_receive(self._received)
 
     # -- what the outside sees ---------------------------------------------------------------------
@@ -132,6 +145,8 @@ class VirtualModule:
             self._power_down(session)
             if session.thread is not None:
                 session.thread.join(timeout=5.0)
+        with self._qemu_alive:  # also one that a power cut just before is still taking down
+            pass
 
     # -- relays ------------------------------------------------------------------------------------
 
@@ -194,6 +209,8 @@ class VirtualModule:
 
     def _power_down(self, session: _Session) -> None:
         """The USB device goes with the power (outside the lock: the USB side may block), then: off."""
+        if session.engine is not None:
+            session.engine.stop()
         self._usb(session, None)
         with self._lock:
             if self._session is None:  # unless power is already back and a new boot runs
@@ -209,13 +226,18 @@ class VirtualModule:
 
     def _boot(self, session: _Session, usb_boot: bool) -> str | None:
         """One boot after a reset; "reboot" if it ends in a reset of the SoC."""
+        with self._qemu_alive:  # the previous power-on's QEMU is gone
+            pass
         if usb_boot:
             self._enter_usb_boot(session, "nRPI_BOOT")
             return None
         self._set_state(session, State.EMMC_BOOT)
         self._usb(session, False)
+        if self._qemu:
+            return self._boot_qemu(session)
         started = time.monotonic()
-        log = firmware.boot(self.rig.model, self.emmc.image_path, self._serial)
+        log = firmware.boot(self.rig.model, self.emmc.image_path, self._serial,
+                            self.eeprom.bootloader() if self.eeprom is not None else None)
         try:
             while True:
                 if not self._emit(session, next(log)):
@@ -235,6 +257,36 @@ class VirtualModule:
             return None
         shell = Shell(outcome, lambda: (time.monotonic() - started) * self.clock.speedup)
         return self._serve(session, outcome, shell)
+
+    def _boot_qemu(self, session: _Session) -> str | None:
+        """The eMMC boot with a real kernel: the firmware's part played here, then QEMU until power goes."""
+        handover = qemu.hand_over(self.rig.model, self.emmc.image_path)
+        if isinstance(handover, firmware.UsbFallback):
+            self._enter_usb_boot(session, "nothing to boot on the eMMC")
+            return None
+        if isinstance(handover, firmware.Stuck):
+            self.journal.record("stage", "stuck", why=handover.why)
+            return None
+        with self._qemu_alive:
+            machine = qemu.QemuBoot(self.emmc.image_path, handover, self.console, self.journal,
+                                    login=self.rig.markers["login"],
+                                    on_login=lambda: self._set_state(session, State.RUNNING))
+            with self._lock:
+                if session.cancel.is_set():
+                    return None
+                session.engine = machine
+            try:
+                machine.start()
+                ending = machine.wait(session.cancel)
+            except HilError as e:  # the host could not run QEMU: the rig, not the module, failed
+                self.journal.record("fault", "QEMU did not run", error=str(e))
+                return None
+            finally:
+                machine.stop()
+        if ending == "halt":
+            self._set_state(session, State.HALTED)
+            self._usb(session, None)
+        return ending if ending == "reboot" else None
 
     def _enter_usb_boot(self, session: _Session, why: str) -> None:
         self._set_state(session, State.USB_BOOT)
@@ -302,7 +354,9 @@ class VirtualModule:
 
     def _received(self, data: bytes) -> None:
         session = self._session
-        if session is not None and session.listening:
+        if session is not None and session.engine is not None:
+            session.engine.send(data)
+        elif session is not None and session.listening:
             session.inbox.put(data)  # before a getty runs, typed input is flushed and lost
 
     def _set_state(self, session: _Session | None, state: State) -> None:

@@ -3,25 +3,35 @@
 The framework then drives it exactly as hardware: gpiozero pins on the process-wide mock factory, the
 console's pty at ``rig.console.device``, USB devices under ``rig.usb_port`` through umockdev (when the
 process runs under ``umockdev-wrapper``), and the mass-storage disk backed by the eMMC's block device.
+
+A rig may list several USB ports, each on a host controller of its own (``[virtual.usb.controllers]``). The
+module is cabled to one of them at a time, the first at start; :meth:`VirtualRig.cable` moves the cable, as
+a person (or a USB switch) does between runs of a compatibility matrix.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
-from hil.errors import InputError
+from hil.errors import InfrastructureError, InputError, RigFileError
 from hil.rig import Rig
 from hil.virtual.console import VirtualConsole
+from hil.virtual.eeprom import VirtualEeprom
 from hil.virtual.emmc import VirtualEmmc
 from hil.virtual.journal import Journal
-from hil.virtual.module import VirtualModule
+from hil.virtual.module import State, VirtualModule
 from hil.virtual.relays import mock_factory
 from hil.virtual.timing import DeviceClock
+from hil.virtual.usb import sysfs
+from hil.virtual.usb.hostprofiles import DEFAULT_KIND, controller_spec
 
 if TYPE_CHECKING:
     from hil.virtual.usb.side import VirtualUsb
+
+CABLE_WAIT = 2.0  # host seconds a module switched off may take to discharge before its cable moves
 
 
 def umockdev_active() -> bool:
@@ -30,17 +40,29 @@ def umockdev_active() -> bool:
 
 
 class VirtualRig:
+    _running: ClassVar[dict[str, VirtualRig]] = {}
+    _running_lock: ClassVar[threading.Lock] = threading.Lock()
+
     def __init__(self, rig: Rig, *, usb: bool | None = None):
         if rig.virtual is None:
             raise InputError(f"{rig.path} describes real hardware (it has no [virtual] section); "
                              "use one of rigs/virtual-*.toml", stage="virtual")
+        for port, text in rig.virtual.controllers.items():
+            try:
+                controller_spec(text, tuple(sysfs.CONTROLLERS))
+            except InputError as e:
+                raise RigFileError(rig.path, f"virtual.usb.controllers.{port}", e.message.rstrip("."),
+                                   'write "KIND-PROFILE", e.g. "xhci-lenient" or "ehci-strict"') from None
         self.rig = rig
+        self.port = rig.usb_port  # where the module's USB cable is plugged in
         self.want_usb = umockdev_active() if usb is None else usb
         self.journal = Journal()
         self.clock = DeviceClock(rig.virtual.speedup)
         self.emmc = VirtualEmmc(rig.virtual.state_dir / "emmc.img", rig.emmc_size, rig.virtual.emmc, self.journal)
         self.console = VirtualConsole.for_rig(rig, self.clock, self.journal)
-        self.module = VirtualModule(rig, self.emmc, self.console, self.clock, self.journal)
+        self.eeprom = VirtualEeprom(rig.model, rig.virtual.state_dir / "eeprom.bin", self.journal,
+                                    lambda: self.module.eeprom_write_protected) if rig.model.has_eeprom else None
+        self.module = VirtualModule(rig, self.emmc, self.console, self.clock, self.journal, self.eeprom)
         self._opened: list[object] = []
 
     def open(self) -> VirtualRig:
@@ -53,10 +75,45 @@ class VirtualRig:
                 self.module.usb = self._usb_side()
             self.module.connect_relays(mock_factory())
             self._opened.append(self.module)
+            with VirtualRig._running_lock:
+                VirtualRig._running[self.rig.name] = self
         except BaseException:
             self.close()
             raise
         return self
+
+    @classmethod
+    def running(cls, name: str) -> VirtualRig:
+        """The open virtual rig called ``name`` in this process (a test reaches the one its fixtures opened)."""
+        with cls._running_lock:
+            found = cls._running.get(name)
+        if found is None:
+            raise InfrastructureError(f"no virtual rig {name!r} is open in this process; open it first "
+                                      "(VirtualRig(rig).open(), or the plugin's station fixture)", stage="virtual")
+        return found
+
+    def controller(self, port: str) -> str:
+        """The host controller and profile of ``port`` as the rig file gives it (default: lenient xHCI)."""
+        assert self.rig.virtual is not None
+        return self.rig.virtual.controllers.get(port, DEFAULT_KIND)
+
+    def cable(self, port: str) -> None:
+        """Move the module's USB cable to ``port`` (one of the rig's ports) while the module is off."""
+        if port not in self.rig.usb_ports:
+            raise InputError(f"rig {self.rig.name} has no USB port {port}; its ports are "
+                             f"{', '.join(self.rig.usb_ports)} ([usb] ports in {self.rig.path})", stage="virtual")
+        usb = self.module.usb
+        if usb is not None and port != self.port:
+            from hil.virtual.usb.side import VirtualUsb
+            from hil.virtual.usb.umockdev_bus import UsbBus
+
+            assert isinstance(usb, VirtualUsb)
+            if not self.module.wait_state(State.OFF, CABLE_WAIT):  # a module just switched off may still discharge
+                raise InfrastructureError(f"the virtual {self.rig.model.name} is {self.module.state}; power it off "
+                                          f"before moving its USB cable to {port}", stage="virtual")
+            usb.port = UsbBus.get().port(port, self.controller(port), self.journal)
+        self.port = port
+        self.journal.record("usb", "cable", port=port, controller=self.controller(port))
 
     def _usb_side(self) -> VirtualUsb:
         from hil.virtual.usb.side import VirtualUsb
@@ -66,11 +123,17 @@ class VirtualRig:
         assert self.rig.virtual is not None
         switches = parse_switches(self.rig.virtual.usb, self.rig.model, self.rig.path)
         bus = UsbBus.get()
-        return VirtualUsb(self.rig.model, bus.port(self.rig.usb_port), self.emmc.block_device, self.rig.emmc_size,
-                          switches, self.clock, self.journal, extra_port_factory=bus.port)
+        for port in self.rig.usb_ports:  # every port's bus and controller exists, cabled or not, as on a host
+            bus.port(port, self.controller(port), self.journal)
+        return VirtualUsb(self.rig.model, bus.port(self.port, self.controller(self.port), self.journal),
+                          self.emmc.block_device, self.rig.emmc_size, switches, self.clock, self.journal,
+                          extra_port_factory=bus.port, eeprom=self.eeprom)
 
     def close(self) -> None:
         """Power down and take everything away, in reverse order of creation."""
+        with VirtualRig._running_lock:
+            if VirtualRig._running.get(self.rig.name) is self:
+                del VirtualRig._running[self.rig.name]
         while self._opened:
             part = self._opened.pop()
             part.close()  # type: ignore[attr-defined]

@@ -9,7 +9,6 @@ corruption on the way shows. The virtual boot ROM runs a stand-in second stage o
 
 from __future__ import annotations
 
-import hashlib
 import io
 import random
 import struct
@@ -17,8 +16,11 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from hil.eeprom.pieeprom import IMAGE_SIZES, embed_config
+from hil.eeprom.sig import sig_text
 from hil.errors import InputError
 from hil.models import MODELS
+from hil.virtual.eeprom import FACTORY_CONFIG, LATEST, RECOVERY_CONFIG, release_image
 
 MAGIC = b"CM-HIL STAND-IN\0"
 _HEADER = struct.Struct("<16s4s12s32s")  # magic, chip family ("2711"), program, file name
@@ -26,7 +28,7 @@ PROGRAMS = ("msd", "gadget", "recovery")  # the second-stage programs the virtua
 
 KINDS = ("msd", "mass-storage-gadget64", "recovery", "recovery5")
 BOOT_IMG_SIZE = 31_457_792  # the 30 MiB ramdisk of mass-storage-gadget64 (#318)
-EEPROM_SIZE = {"2711": 512 * 1024, "2712": 2 * 1024 * 1024}
+EEPROM_SIZE = IMAGE_SIZES
 SIG_TIMESTAMP = 1_700_000_000
 _BOOTCODE = {"2710": "bootcode.bin", "2711": "bootcode4.bin", "2712": "bootcode5.bin"}
 MEMSYS_COUNT = {"2711": 9, "2712": 4}  # memsys00..08 / memsys00..03 in bootfiles.bin
@@ -56,7 +58,7 @@ def read_stand_in(data: bytes) -> StandIn | None:
 
 def eeprom_sig(image: bytes) -> bytes:
     """``pieeprom.sig`` as ``rpi-eeprom-digest`` writes it: SHA-256 hex line and a timestamp line."""
-    return f"{hashlib.sha256(image).hexdigest()}\nts: {SIG_TIMESTAMP}\n".encode()
+    return sig_text(image, SIG_TIMESTAMP).encode()
 
 
 def make_payload(dir: Path, kind: str, models: tuple[str, ...] = ("cm1", "cm3", "cm4", "cm5"), *,
@@ -92,7 +94,11 @@ def make_payload(dir: Path, kind: str, models: tuple[str, ...] = ("cm1", "cm3", 
         uart = "" if chip == "2711" else "uart_2ndstage=1\n"
         config = f"# recovery (cm-hil stand-in)\n{uart}#recovery_reboot=1\n#recovery_metadata=0\n"
         _write(out, "config.txt", config.encode())
-        image = stand_in(chip, "eeprom", "pieeprom.bin", EEPROM_SIZE[chip])
+        model = MODELS["cm4" if chip == "2711" else "cm5"]
+        original = release_image(model, LATEST[model.name], FACTORY_CONFIG[model.name])
+        _write(out, "pieeprom.original.bin", original)  # as usbboot's recovery folders: the release as shipped
+        _write(out, "boot.conf", RECOVERY_CONFIG[model.name].encode())
+        image = embed_config(original, RECOVERY_CONFIG[model.name], model)  # what update-pieeprom.sh makes
         _write(out, "pieeprom.bin", image)
         _write(out, "pieeprom.sig", eeprom_sig(image))
     return out

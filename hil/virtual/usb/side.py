@@ -14,12 +14,12 @@ from collections.abc import Callable
 
 from hil.errors import InputError
 from hil.models import ModuleModel
+from hil.virtual.eeprom import VirtualEeprom
 from hil.virtual.journal import Journal
 from hil.virtual.timing import DeviceClock
 from hil.virtual.usb.bootrom import BootRom
 from hil.virtual.usb.device import BlockChild, UsbBusPort, UsbDeviceModel
 from hil.virtual.usb.massstorage import MassStorage, gadget_disk, msd_disk
-from hil.virtual.usb.payloads import EEPROM_SIZE, stand_in
 from hil.virtual.usb.stage2 import SecondStage
 from hil.virtual.usb.switches import DeviceEnv, UsbSwitches, default_switches
 
@@ -38,11 +38,14 @@ class _Off(Exception):
 
 
 class VirtualUsb:
-    """The USB side of one virtual module, attached to ``bus_port`` (``hil.virtual.module.UsbSide``)."""
+    """The USB side of one virtual module, attached to ``bus_port`` (``hil.virtual.module.UsbSide``).
+
+    ``eeprom`` is the module's SPI EEPROM that recovery writes (default: a fresh one in memory)."""
 
     def __init__(self, model: ModuleModel, bus_port: UsbBusPort, emmc_block_device: str, emmc_size: int,
                  switches: UsbSwitches | None, clock: DeviceClock, journal: Journal,
-                 extra_port_factory: Callable[[str], UsbBusPort] | None = None, *, serial: str | None = None):
+                 extra_port_factory: Callable[[str], UsbBusPort] | None = None, *, serial: str | None = None,
+                 eeprom: VirtualEeprom | None = None):
         self.model = model
         self.port = bus_port
         self.emmc_block_device = emmc_block_device
@@ -60,21 +63,19 @@ class VirtualUsb:
         self._thread: threading.Thread | None = None
         self._attached: list[UsbBusPort] = []
         self._extra_ports: dict[str, UsbBusPort] = {}
-        self._eeprom = stand_in(model.chip_dir, "eeprom", "factory", EEPROM_SIZE[model.chip_dir]) \
-            if model.has_eeprom else b""
+        self.eeprom_chip = eeprom or (VirtualEeprom(model, None, journal) if model.has_eeprom else None)
         self.state = "off"
 
     @property
     def eeprom(self) -> bytes:
         """The SPI bootloader EEPROM's contents, as recovery left them (kept across power cycles)."""
-        return self._env.eeprom if self._env else self._eeprom
+        return self.eeprom_chip.contents() if self.eeprom_chip is not None else b""
 
     def power_on(self, usb_boot: bool) -> None:
         with self._lock:
             if self._env is not None:
                 return
-            self._env = DeviceEnv(self.model, self.switches, self.clock, self.journal, self.serial,
-                                  eeprom=self._eeprom)
+            self._env = DeviceEnv(self.model, self.switches, self.clock, self.journal, self.serial)
         if not usb_boot:
             self.state = "emmc-boot"  # boots from its eMMC: nothing appears on the USB slave port
             return
@@ -91,7 +92,6 @@ class VirtualUsb:
             for port in self._attached:
                 port.detach()
             self._attached.clear()
-            self._eeprom = env.eeprom
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         self._thread = None
@@ -128,7 +128,7 @@ class VirtualUsb:
         self._sleep(env, ROM_LINGER if sw.rom_double_sighting else ROM_LEAVES)
         self._detach(env, self.port)
         self._sleep(env, STAGE2_APPEARS)
-        stage2 = SecondStage(env, result.program)
+        stage2 = SecondStage(env, result.program, self.eeprom_chip)
         self._attach(env, self.port, stage2, "second-stage", program=result.program.program)
         outcome = stage2.run()
         if outcome is None:

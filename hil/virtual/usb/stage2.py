@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from hil.virtual.eeprom import VirtualEeprom
 from hil.virtual.usb.descriptors import StandardRequests, stage2_descriptors
 from hil.virtual.usb.device import Cancelled, ControlSetup, Stall, Unresponsive
 from hil.virtual.usb.payloads import MEMSYS_COUNT, StandIn, read_stand_in
@@ -52,11 +53,13 @@ class _PowerCut(Exception):
 
 
 class SecondStage:
-    """One enumeration of a stand-in second stage running ``program`` (msd, gadget or recovery)."""
+    """One enumeration of a stand-in second stage running ``program`` (msd, gadget or recovery); recovery
+    writes ``eeprom``, the module's SPI EEPROM (None: the module has none)."""
 
-    def __init__(self, env: DeviceEnv, program: StandIn):
+    def __init__(self, env: DeviceEnv, program: StandIn, eeprom: VirtualEeprom | None = None):
         self.env = env
         self.program = program
+        self.eeprom = eeprom
         self.descriptors = stage2_descriptors(env.model, env.serial, config_55_32=env.switches.config_55_32)
         self.identity = self.descriptors.identity()
         self._std = StandardRequests(self.descriptors)
@@ -254,7 +257,8 @@ class SecondStage:
         return Outcome("gadget", leaves_bus=True)
 
     def _recovery(self) -> Outcome:
-        """recovery.bin: verify pieeprom against pieeprom.sig, flash it, report metadata, then Done."""
+        """recovery.bin: verify pieeprom against pieeprom.sig, write the EEPROM (unless it is write-protected;
+        a power cut tears the write), apply ``eeprom_write_protect``, report metadata, then Done."""
         self._work(FIRST_REQUEST)
         chip = self.program.chip
         settings = _settings((self._fetch("config.txt") or b"").decode("ascii", "replace"))
@@ -264,14 +268,19 @@ class SecondStage:
         if image is not None:
             digest = hashlib.sha256(image).hexdigest()
             expected = sig.decode("ascii", "replace").split()[0].lower() if sig and sig.split() else ""
-            if digest == expected:
-                self._work(EEPROM_FLASH[chip])
-                self.env.eeprom = image
-                update = "success"
-                self.env.journal.record("stage", "eeprom-flashed", bytes=len(image), sha256=digest)
-            else:
+            if digest != expected:
                 update = "failed"
                 self._fault("pieeprom.sig does not match", sha256=digest, sig=expected or None)
+            elif self.eeprom is None:
+                update = "failed"
+                self._fault("no EEPROM on this module")
+            else:
+                result = self.eeprom.update(image, EEPROM_FLASH[chip], self._work)
+                update = "success" if result == "success" else "failed"
+                if update == "success":
+                    self.env.journal.record("stage", "eeprom-flashed", bytes=len(image), sha256=digest)
+        if self.eeprom is not None and update != "failed":
+            self.eeprom.set_protect_bits(settings.get("eeprom_write_protect"))
         if update != "success" and chip == "2711":
             for name in ("recover4.elf", "start4.elf"):
                 self._fetch(name)
@@ -280,7 +289,8 @@ class SecondStage:
             self._metadata("MAC_ADDR", _mac(self.env.serial))
             if update:
                 self._metadata("EEPROM_UPDATE", update)
-            self._metadata("EEPROM_HASH", hashlib.sha256(self.env.eeprom).hexdigest())
+            contents = self.eeprom.contents() if self.eeprom is not None else b""
+            self._metadata("EEPROM_HASH", hashlib.sha256(contents).hexdigest())
             self._metadata("SECURE_BOOT_PROVISION", "0")
             self._metadata("JTAG_LOCKED", "0")
         self._done()

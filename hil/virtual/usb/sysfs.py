@@ -20,7 +20,8 @@ SPEED_ATTR = {"low": "1.5", "full": "12", "high": "480", "super": "5000"}
 
 @dataclass(frozen=True)
 class HostController:
-    """One kind of PCI USB host controller. Later profiles (lenient/strict controllers) go in CONTROLLERS."""
+    """One kind of PCI USB host controller; how it treats illegal descriptors is a host profile
+    (:mod:`hil.virtual.usb.hostprofiles`), chosen per bus."""
 
     kind: str
     driver: str  # the PCI driver bound to it

@@ -62,6 +62,7 @@ from hil.virtual.usb.device import (  # noqa: E402
     Unresponsive,
     UsbDeviceModel,
 )
+from hil.virtual.usb.hostprofiles import Admission, HostProfile, controller_spec  # noqa: E402
 
 log = logging.getLogger(__name__)
 STAGE = "usb.transport"
@@ -167,8 +168,9 @@ class _Enumeration:
     """One model on the bus between attach and detach: its sysfs records and its usbfs ioctls."""
 
     def __init__(self, node: sysfs.UsbNode, model: UsbDeviceModel, controller: sysfs.HostController,
-                 drivers: dict[int, str], journal: Journal | None):
+                 drivers: dict[int, str], journal: Journal | None, admission: Admission):
         self.node = node
+        self.admission = admission  # the host profile's verdict: a refused device fails every transfer
         self.model = model
         self.config = sysfs.parse_config(model.identity.config_descriptors[0])
         self.drivers = drivers
@@ -271,9 +273,17 @@ class _Enumeration:
             key = info.endpoint
         else:
             raise _Errno(errno.EINVAL)  # isochronous transfers are not modelled
+        if self.admission.refusal is not None:
+            call = self._refused
         c.urbs[urb.addr] = urb
         self._worker(key).put(lambda: self._run(urb, call))
         return 0
+
+    def _refused(self, cancel: threading.Event) -> Outcome:
+        """The host profile refused the device: its controller ends each transfer with a transaction error."""
+        assert self.admission.refusal is not None
+        self.record("refused transfer", errno=errno.errorcode[self.admission.refusal])
+        return -self.admission.refusal, b"", 0
 
     def _control_call(self, setup: ControlSetup, data: bytes, flags: int) -> Call:
         def call(cancel: threading.Event) -> Outcome:
@@ -472,11 +482,15 @@ class _Enumeration:
             try:
                 if self.gone:
                     raise DeviceGone()
+                if self.admission.refusal is not None:
+                    raise _Errno(self.admission.refusal)
                 self.model.control(setup, b"", self._unplugged)
             except Stall:
                 result = (0, 0) if stall_ok else (-1, errno.EPIPE)
             except (DeviceGone, Cancelled):
                 result = (-1, errno.ENODEV)
+            except _Errno as e:
+                result = (-1, e.code)
             except Unresponsive:
                 result = (-1, errno.ETIMEDOUT)
             except Exception:
@@ -545,6 +559,7 @@ class _Bus:
 
     number: int
     controller: sysfs.HostController
+    profile: HostProfile
     pci_syspath: str
     hubs: dict[str, _Enumeration] = field(default_factory=dict)  # "usb1", "1-1", ...
     next_devnum: int = 1
@@ -648,26 +663,25 @@ class UsbBus:
 
     def port(self, path: str, controller: str = "xhci", journal: Journal | None = None) -> UsbPort:
         """The port at ``path`` ("1-1.4": bus 1, root port 1, hub port 4), creating its bus, host
-        controller and hubs on first use."""
+        controller and hubs on first use. ``controller`` is a kind with an optional host profile
+        (``"ehci-strict"``; :mod:`hil.virtual.usb.hostprofiles`), lenient unless said otherwise."""
         match = _PORT_PATH.match(path)
         if not match:
             raise InputError(f"USB port path {path!r} is not like '1-1.4'; write BUS-PORT[.PORT...]",
                              stage=STAGE)
-        if controller not in sysfs.CONTROLLERS:
-            raise InputError(f"USB host controller {controller!r} is unknown; use one of "
-                             f"{', '.join(sysfs.CONTROLLERS)}", stage=STAGE)
+        kind_name, profile = controller_spec(controller, tuple(sysfs.CONTROLLERS))
         number, chain = int(match[1]), [int(p) for p in match[2].split(".")]
-        kind = sysfs.CONTROLLERS[controller]
+        kind = sysfs.CONTROLLERS[kind_name]
         limits = [kind.root_ports] + [sysfs.HUB_PORTS] * (len(chain) - 1)
         if not 1 <= number <= 64 or any(not 1 <= p <= limit for p, limit in zip(chain, limits, strict=True)):
             raise InputError(f"USB port path {path!r} is out of range: bus 1-64, root ports "
                              f"1-{kind.root_ports}, hub ports 1-{sysfs.HUB_PORTS}", stage=STAGE)
         with self._lock:
             self._require_open()
-            bus = self._bus(number, kind)
-            if bus.controller is not kind:
-                raise InputError(f"USB bus {number} already hangs off an {bus.controller.kind} controller, "
-                                 f"not {controller}; give port {path} another bus", stage=STAGE)
+            bus = self._bus(number, kind, profile)
+            if bus.controller is not kind or bus.profile is not profile:
+                raise InputError(f"USB bus {number} already hangs off an {bus.controller.kind}-{bus.profile.name} "
+                                 f"controller, not {controller}; give port {path} another bus", stage=STAGE)
             if path not in self._ports:
                 hub = f"usb{number}"
                 for depth in range(1, len(chain)):
@@ -715,7 +729,7 @@ class UsbBus:
             raise InfrastructureError("the virtual USB bus is closed; call UsbBus.get() for a new one",
                                       stage=STAGE)
 
-    def _bus(self, number: int, kind: sysfs.HostController) -> _Bus:
+    def _bus(self, number: int, kind: sysfs.HostController, profile: HostProfile) -> _Bus:
         bus = self._buses.get(number)
         if bus is not None:
             return bus
@@ -725,7 +739,7 @@ class UsbBus:
                        "usb/drivers/usb-storage", "scsi/drivers/sd"):
             os.makedirs(os.path.join(self.root_dir, "sys/bus", driver), exist_ok=True)
         self._testbed.add_from_string(sysfs.controller_record(pci, kind).text())
-        bus = self._buses[number] = _Bus(number, kind, pci)
+        bus = self._buses[number] = _Bus(number, kind, profile, pci)
         release = platform.release()
         version = re.match(r"(\d+)\.(\d+)", release)
         bcd = int(f"{version[1]}{int(version[2]):02d}", 16) if version else 0
@@ -758,7 +772,16 @@ class UsbBus:
                              bus.pci_name, sysfs.effective_speed(model.identity.speed, bus.controller))
         config = sysfs.parse_config(model.identity.config_descriptors[0])
         drivers = {i.number: _DRIVERS[i.cls] for i in config.interfaces if i.cls in _DRIVERS}
-        enumeration = _Enumeration(node, model, bus.controller, drivers, journal)
+        admission = bus.profile.admit(node.speed, model.identity.config_descriptors)
+        enumeration = _Enumeration(node, model, bus.controller, drivers, journal, admission)
+        for line in admission.warnings:  # what the kernel would print in dmesg
+            log.warning("usb %s: %s", name, line)
+            enumeration.record("kernel", message=line)
+        if admission.refusal is not None:
+            log.warning("usb %s: %s-%s controller: %s", name, bus.controller.kind, bus.profile.name,
+                        admission.reason)
+            enumeration.record("refused", controller=f"{bus.controller.kind}-{bus.profile.name}",
+                               reason=admission.reason)
         handler = UMockdev.IoctlBase()
         handler.connect("handle-ioctl", enumeration.on_ioctl)
         handler.connect("client-vanished", enumeration.on_vanished)

@@ -1,0 +1,58 @@
+"""What the USB boot suites share: reaching every port of a rig, and each boot as a report step with evidence."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import allure
+
+from fixtures.evidence import StageSteps, attach_json, attach_text
+from hil.matrix import Attempt, Cable
+from hil.rig import Rig
+
+
+def reports_dir() -> Path:
+    """Where the compatibility matrix's history and pictures go: ``HIL_REPORTS_DIR``, default ``reports``."""
+    return Path(os.environ.get("HIL_REPORTS_DIR", "reports"))
+
+
+def rig_cabling(rig: Rig) -> tuple[tuple[str, ...], Cable | None]:
+    """The ports a test can reach and how to move the module between them: a virtual rig moves its own
+    cable; a real module stays on the port it is cabled to (the rig's first)."""
+    if not rig.is_virtual:
+        return (rig.usb_port,), None
+    from hil.virtual.rig import VirtualRig
+
+    return rig.usb_ports, VirtualRig.running(rig.name).cable
+
+
+class ReportedBoots:
+    """Each boot as a report step with its stages as sub-steps; the controller and every failure's trace attached.
+    Pass its ``step``, ``listener`` and ``progress`` to :func:`hil.matrix.run_matrix`."""
+
+    def __init__(self) -> None:
+        self._steps: StageSteps | None = None
+        self._described: set[str] = set()
+
+    @contextlib.contextmanager
+    def step(self, port: str, number: int) -> Iterator[None]:
+        with allure.step(f"usbboot via {port}, boot {number}"):
+            yield
+
+    def listener(self) -> StageSteps:
+        self._steps = StageSteps()
+        return self._steps
+
+    def progress(self, attempt: Attempt) -> None:
+        if self._steps is not None:
+            self._steps.close()
+        if attempt.port not in self._described:
+            self._described.add(attempt.port)
+            attach_text(f"host controller of {attempt.port}", attempt.controller.describe())
+        attach_text("outcome", attempt.describe() + "\n")
+        if attempt.error is not None:
+            attach_json(f"USB transfer trace ({attempt.port}, boot {attempt.attempt})",
+                        attempt.error.evidence.get("trace") or {})

@@ -1,0 +1,89 @@
+"""Two virtual rigs in parallel (one xdist worker each), and ``hil nightly`` as a user runs it; then the exit
+status the nightly job derives from the results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from hil.errors import ExitCode
+from hil.nightly import read_outcome
+
+
+def test_two_rigs_run_in_parallel_one_worker_each(pytester: pytest.Pytester, make_rig: Callable[..., Path],
+                                                  suites: list[str], virtual_usb: None, tmp_path: Path) -> None:
+    results = tmp_path / "allure-results"
+    run = pytester.runpytest_subprocess("-p", "fixtures.plugin", "-p", "no:cacheprovider", *suites,
+                                        "--rig", str(make_rig("plug-x4", "cm4", "9-1.4")),
+                                        "--rig", str(make_rig("plug-x1", "cm1", "9-1.2")),
+                                        "-n", "2", "--alluredir", str(results), timeout=240)
+    run.assert_outcomes(passed=16, skipped=2)  # the cm1 has no EEPROM_nWP and no bootloader banner
+    workers: dict[str, set[str]] = {}
+    for path in results.glob("*-result.json"):
+        labels = {label["name"]: label["value"] for label in json.loads(path.read_text())["labels"]}
+        workers.setdefault(labels["rig"], set()).add(labels["thread"].split("-")[0])  # the worker's pid
+    assert set(workers) == {"plug-x4", "plug-x1"}
+    assert all(len(pids) == 1 for pids in workers.values()), workers
+    assert workers["plug-x4"] != workers["plug-x1"]
+    props = (results / "environment.properties").read_text()  # each worker's facts reached the controller
+    assert "plug-x4.module.model=cm4 (bcm2711)" in props and "plug-x1.module.model=cm1 (bcm2835)" in props
+    assert "plug-x1.payload=" in props and "plug-x4.image.sha256=" in props
+
+
+def test_hil_nightly_runs_the_suites_and_renders_the_report(make_rig: Callable[..., Path], wrapper: str,
+                                                           tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "UMOCKDEV_DIR")}
+    report = tmp_path / "night"
+    done = subprocess.run([sys.executable, "-m", "hil.cli", "nightly", "--rig", str(make_rig("plug-night")),
+                           "--report-dir", str(report), "--single-file", "--", "-k",
+                           "test_rig_selfcheck or test_flash_and_boot"], capture_output=True, text=True, env=env,
+                          timeout=240, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "tests: 9 passed" in done.stdout
+    assert f"report: {report / 'html' / 'index.html'} (opens from disk)" in done.stdout
+    assert (report / "html" / "index.html").is_file()
+    assert (report / "junit.xml").read_text().count("<testcase ") == 9
+    assert (report / "allure-results" / "environment.properties").is_file()
+
+
+def test_hil_nightly_refuses_a_broken_rig_file(tmp_path: Path) -> None:
+    rig = tmp_path / "bad.toml"
+    rig.write_text('model = "cm4"\n')
+    done = subprocess.run([sys.executable, "-m", "hil.cli", "nightly", "--rig", str(rig), "--report-dir",
+                           str(tmp_path / "r")], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == ExitCode.INPUT
+    assert "bad.toml: emmc: is missing" in done.stderr
+
+
+def _result(folder: Path, name: str, status: str, message: str = "", rig: str = "r1") -> None:
+    data = {"name": name, "status": status, "labels": [{"name": "rig", "value": rig}],
+            "statusDetails": {"message": message}}
+    (folder / f"{name}-result.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(("failures", "code"), [
+    ([], ExitCode.OK),
+    ([("broken", "fixtures.faults.InputFailure: [input] [usbboot.payload] no payload")], ExitCode.INPUT),
+    ([("broken", "fixtures.faults.RigFailure: [infrastructure] [usbboot.rom] no ROM"),
+      ("broken", "fixtures.faults.InputFailure: [input] [rig-file] bad")], ExitCode.INFRASTRUCTURE),
+    ([("broken", "fixtures.faults.RigFailure: [infrastructure] [usbboot.rom] no ROM"),
+      ("failed", "fixtures.faults.ModuleFailure: [product] [boot.build-id] other build")], ExitCode.PRODUCT),
+    ([("failed", "AssertionError: assert 1 == 2")], ExitCode.PRODUCT),  # a test's own assertion: the module
+    ([("broken", "KeyError: 'x'")], ExitCode.INFRASTRUCTURE),  # a crash in the test code: not the module's fault
+])
+def test_the_exit_status_is_the_worst_fault(tmp_path: Path, failures: list[tuple[str, str]], code: ExitCode) -> None:
+    _result(tmp_path, "test_ok", "passed")
+    _result(tmp_path, "test_skipped", "skipped", rig="r2")
+    for i, (status, message) in enumerate(failures):
+        _result(tmp_path, f"test_{i}", status, message)
+    outcome = read_outcome(tmp_path)
+    assert outcome.exit_code == code
+    assert outcome.by_rig["r2"] == {"skipped": 1}
+    assert len(outcome.faults) == len(failures)
+    assert ("failures: " in outcome.summary()) == bool(failures)
