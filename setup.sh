@@ -35,6 +35,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[dev]'
+# The arm64 kernel and busybox the bootable CM3 test image is built from (virtual CM3 under QEMU); cached.
+$SUDO scripts/fetch-guest.sh
+
 # Allure Report 3, pinned in report/package-lock.json; nothing is downloaded when a report is rendered.
 if ! command -v npm >/dev/null; then
   echo "setup: Node.js with npm is needed for the Allure report generator (Debian: apt-get install nodejs npm)" >&2

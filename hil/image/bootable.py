@@ -169,6 +169,9 @@ def guest_kit(cache: Path | None = None) -> GuestKit:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    for old in cache.glob("kit-*"):  # from packages or an initramfs this code no longer makes
+        if old != kit.path:
+            shutil.rmtree(old, ignore_errors=True)
     return kit
 
 

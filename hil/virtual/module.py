@@ -278,7 +278,7 @@ class VirtualModule:
             try:
                 machine.start()
                 ending = machine.wait(session.cancel)
-            except HilError as e:  # the host could not run QEMU: the rig, not the module, failed
+            except (HilError, OSError) as e:  # the host could not run QEMU: the rig, not the module, failed
                 self.journal.record("fault", "QEMU did not run", error=str(e))
                 return None
             finally:

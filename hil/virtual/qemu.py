@@ -241,6 +241,8 @@ class QemuBoot:
                 return
             if not data:
                 return
+            if self._stopped:  # the power is cut: the UART goes quiet at once, as the real one does
+                return
             self.console.write(data)
             self._tail = (self._tail + data)[-_TAIL:]
             if not login_seen and self._login.search(self._tail.decode("utf-8", "replace")):
@@ -278,6 +280,8 @@ class QemuBoot:
                 self._qmp.close()
                 self._qmp = None
             if self._uart is not None:
+                with contextlib.suppress(OSError):
+                    self._uart.shutdown(socket.SHUT_RDWR)  # wakes the bridge, should QEMU's end linger
                 self._uart.close()
                 self._uart = None
             if self._reader is not None and self._reader is not threading.current_thread():

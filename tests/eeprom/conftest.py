@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 PORTS = {"cm4": "12-1.4", "cm5": "13-1.5"}
 #: Host seconds. At speed-up 20 the bootloader's banner arrives within a tenth of a second; the rest is slack
 #: for a loaded machine. A torn EEPROM is proven by silence, which lasts the whole bootloader timeout.

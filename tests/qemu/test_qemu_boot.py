@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -131,7 +130,7 @@ def test_a_corrupted_kernel_fails_the_boot_as_a_product_fault(rig: Rig, bootable
         with pytest.raises(ProductError) as failed:
             lc.boot()
         assert failed.value.stage == "boot.kernel"
-        assert re.search(r"no kernel marker .* within 8 s", str(failed.value))
+        assert "no kernel marker" in str(failed.value) and "(nothing received)" in str(failed.value)
         [pid] = qemu_pids(vrig.journal)
         assert vrig.module.wait_state(State.OFF, 10)  # the failed boot left the rig safe: QEMU is gone
         assert not alive(pid)
