@@ -275,7 +275,7 @@ def _check_protection(lc: Lifecycle, payload: RecoveryPayload, usb_options: dict
     want_refused = payload.write_protect == "1"
     with tempfile.TemporaryDirectory(prefix="hil-eeprom-probe-") as tmp:
         probe = Path(tmp) / "payload"
-        shutil.copytree(payload.folder, probe, symlinks=False)
+        shutil.copytree(payload.folder, probe, ignore_dangling_symlinks=True)
         config = "\n".join(line for line in payload.config_txt.splitlines()
                            if not line.strip().startswith("eeprom_write_protect"))
         source = Path(payload.config_txt_source) if payload.config_txt_source else payload.folder / "config.txt"
