@@ -270,10 +270,13 @@ class Console:
         if password is not None:
             self.expect(r"[Pp]assword: ?$", timeout, stage="console.login", what="password prompt")
             self.send_line(password)
-        self.expect(shell_prompt, timeout, stage="console.login", what="shell prompt after login")
+        prompt = self.expect(shell_prompt, timeout, stage="console.login", what="shell prompt after login")
         self.shell_prompt = shell_prompt
+        with self._cond:  # what stands before the prompt's end ("root@host:~"), to cut it off command output
+            self._prompt_lead = self._text[self._text.rfind("\n", 0, prompt.start()) + 1:prompt.start()]
 
     shell_prompt = r"[#$] ?$"
+    _prompt_lead = ""
 
     def run(self, command: str, *, timeout: float = 30.0) -> CommandResult:
         """Run one shell command after login; returns its output and exit status."""
@@ -285,7 +288,11 @@ class Console:
         prompt = self.expect(self.shell_prompt, timeout, stage=stage, what=f"prompt after {command!r}")
         with self._cond:
             output = self._text[start:prompt.start()]
-        output = output.rsplit("\n", 1)[0] if "\n" in output else ""
+        if self._prompt_lead and output.endswith(self._prompt_lead):
+            output = output[:-len(self._prompt_lead)]
+        elif "\n" in output:  # a prompt that changed (cd): drop its line
+            output = output.rsplit("\n", 1)[0] + "\n"
+        output = output.removesuffix("\n")
         self.send_line("echo $?")
         status = self.expect(r"echo \$\?\n(\d+)\n", timeout, stage=stage, what="exit status")
         self.expect(self.shell_prompt, timeout, stage=stage, what="prompt after exit status")

@@ -296,9 +296,9 @@ class Lifecycle:
         self._state = ModuleState.OFF
         self._state_file.write(relays_on=False, state=ModuleState.OFF)
 
-    def _power_on(self, *, usb_boot: bool, target: ModuleState) -> None:
+    def _power_on(self, *, usb_boot: bool, target: ModuleState, write_protect: bool | None = None) -> None:
         self._state_file.write(relays_on=True, state=target)  # before the switch: a kill may come any time
-        self.bootmode.power_on(usb_boot=usb_boot)
+        self.bootmode.power_on(usb_boot=usb_boot, write_protect=write_protect)
 
     def off(self) -> None:
         with self._mutex:
@@ -319,14 +319,17 @@ class Lifecycle:
                              stage="power")
         self._keep_power = True
 
-    def usb_boot(self) -> Identity:
-        """nRPI_BOOT asserted, power on, and the boot ROM proven on the rig's USB port."""
-        if self._state is ModuleState.USB_BOOT and self.rom is not None:
+    def usb_boot(self, *, write_protect: bool | None = None) -> Identity:
+        """nRPI_BOOT asserted, power on, and the boot ROM proven on the rig's USB port.
+
+        ``write_protect``: EEPROM_nWP for this boot (False releases it for an EEPROM update); None leaves
+        it at its resting level. Off always puts it back."""
+        if self._state is ModuleState.USB_BOOT and self.rom is not None and write_protect is None:
             return self.rom
 
         def step() -> Identity:
             self._go_off()
-            self._power_on(usb_boot=True, target=ModuleState.USB_BOOT)
+            self._power_on(usb_boot=True, target=ModuleState.USB_BOOT, write_protect=write_protect)
             self.rom = wait_for_rom(self.rig, self.rig.timeouts["rom"], self.usb_backend)
             return self.rom
 

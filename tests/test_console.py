@@ -45,6 +45,9 @@ def fake_shell(master: int, stop: threading.Event) -> None:
             elif line == b"cat /etc/build-id":
                 out += b"BUILD-42\n"
                 status = 0
+            elif line == b"printf X":
+                out += b"X"  # no newline: the prompt follows on the same line
+                status = 0
             elif line == b"echo $?":
                 out += b"%d\n" % status
             elif line:
@@ -61,6 +64,7 @@ def test_login_and_commands(pty: tuple[int, str], tmp_path: Path) -> None:
         console.login(timeout=5)
         result = console.run("cat /etc/build-id", timeout=5)
         assert (result.output, result.status) == ("BUILD-42", 0)
+        assert console.run("printf X", timeout=5).output == "X"
         missing = console.run("frobnicate", timeout=5)
         assert missing.status == 127 and "not found" in missing.output
     stop.set()

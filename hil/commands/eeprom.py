@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from hil.commands.rigcontrol import _session
+from hil.commands.rigcontrol import rig_session
 from hil.eeprom.build import IMAGE_NAME, build_update
 from hil.eeprom.flash import flash_eeprom, read_banner, show_image
 from hil.eeprom.pieeprom import IMAGE_SIZES
@@ -84,7 +84,7 @@ def _build(args: argparse.Namespace) -> int:
 
 def _flash(args: argparse.Namespace) -> int:
     options = {} if args.settle is None else {"settle": args.settle}
-    with _session(args.rig) as lifecycle:
+    with rig_session(args.rig) as lifecycle:
         result = flash_eeprom(lifecycle, args.payload, keep_write_protect=args.keep_write_protect,
                               confirm=not args.no_confirm, **options)
     if args.json:
@@ -99,7 +99,7 @@ def _flash(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     if args.rig:
-        with _session(args.rig) as lifecycle:
+        with rig_session(args.rig) as lifecycle:
             banner = read_banner(lifecycle)
         print(f"{lifecycle.rig.name}: bootloader VERSION {banner.version} ({banner.date}, BUILD_TIMESTAMP "
               f"{banner.build_timestamp}), BOOT_ORDER 0x{banner.boot_order:x}")

@@ -52,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 @contextlib.contextmanager
-def _session(path: str) -> Iterator[Lifecycle]:
+def rig_session(path: str) -> Iterator[Lifecycle]:
+    """The rig of a command as one lifecycle (a virtual rig is brought up beside it first)."""
     rig = load_rig(path)
     with contextlib.ExitStack() as stack:
         if rig.is_virtual:
@@ -70,7 +71,7 @@ def _virtual_module(rig: Rig) -> contextlib.AbstractContextManager[object]:
 
 
 def _boot(args: argparse.Namespace) -> int:
-    with _session(args.rig) as lifecycle:
+    with rig_session(args.rig) as lifecycle:
         record = lifecycle.boot(expect_build_id=args.expect_build_id)
     if args.json:
         print(json.dumps(record.to_dict(), indent=1))
@@ -81,7 +82,7 @@ def _boot(args: argparse.Namespace) -> int:
 
 
 def _power(args: argparse.Namespace) -> int:
-    with _session(args.rig) as lifecycle:
+    with rig_session(args.rig) as lifecycle:
         if args.action == "off":
             lifecycle.off()
             print(f"{lifecycle.rig.name}: powered off", file=sys.stderr)
@@ -102,7 +103,7 @@ def _power(args: argparse.Namespace) -> int:
 
 
 def _console(args: argparse.Namespace) -> int:
-    with _session(args.rig) as lifecycle:
+    with rig_session(args.rig) as lifecycle:
         console = lifecycle.console
         print(f"hil: console {console.device} @ {console.baud}; log {console.log_path}; Ctrl-] quits",
               file=sys.stderr)

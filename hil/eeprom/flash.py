@@ -165,10 +165,9 @@ def flash_eeprom(lc: Lifecycle, folder: Path, *, keep_write_protect: bool = Fals
 
 def recovery_boot(lc: Lifecycle, folder: Path, *, write_protect: bool = False, **usb_options: Any) -> UsbBootResult:
     """One USB boot into ``folder`` with EEPROM_nWP released (or held low), then powered off again."""
-    lc.off()
     wired = lc.bootmode.write_protected is not None
     try:
-        lc.bootmode.power_on(usb_boot=True, write_protect=write_protect if write_protect or wired else None)
+        lc.usb_boot(write_protect=write_protect if write_protect or wired else None)
         usb_options.setdefault("backend", lc.usb_backend)
         return UsbBoot.for_rig(lc.rig, folder, **usb_options).run()
     finally:

@@ -91,7 +91,7 @@ BootLog = Generator[Emit, None, Outcome]
 
 
 @dataclass(frozen=True)
-class _Chip:
+class Chip:
     """Per-model facts the boot log shows: all invented but plausible, and stable per model."""
 
     boardrev: str
@@ -104,26 +104,26 @@ class _Chip:
     kernel32: str = ""  # kernel name with arm_64bit=0
 
 
-_CHIPS: dict[str, _Chip] = {
-    "cm1": _Chip("900061", "", "ttyAMA0",
+CHIPS: dict[str, Chip] = {
+    "cm1": Chip("900061", "", "ttyAMA0",
                  "20201000.serial: ttyAMA0 at MMIO 0x20201000 (irq = 81, base_baud = 0) is a PL011 rev2",
                  "mmc0: sdhost-bcm2835 loaded - DMA enabled (>1)", "", "v6", kernel32="kernel.img"),
-    "cm3": _Chip("a020a0", "0x410fd034", "ttyAMA0",
+    "cm3": Chip("a020a0", "0x410fd034", "ttyAMA0",
                  "3f201000.serial: ttyAMA0 at MMIO 0x3f201000 (irq = 99, base_baud = 0) is a PL011 rev2",
                  "mmc0: sdhost-bcm2835 loaded - DMA enabled (>1)", "v8", "v7", kernel32="kernel7.img"),
-    "cm4": _Chip("c03141", "0x410fd083", "ttyS0",
+    "cm4": Chip("c03141", "0x410fd083", "ttyS0",
                  "fe215040.serial: ttyS0 at MMIO 0xfe215040 (irq = 34, base_baud = 62500000) is a 16550",
                  "mmc0: SDHCI controller on fe340000.mmc [fe340000.mmc] using ADMA", "v8", "v7l",
                  kernel32="kernel7l.img"),
-    "cm5": _Chip("c04180", "0x414fd0b1", "ttyAMA10",
+    "cm5": Chip("c04180", "0x414fd0b1", "ttyAMA10",
                  "107d001000.serial: ttyAMA10 at MMIO 0x107d001000 (irq = 16, base_baud = 0) is a PL011 AXI",
                  "mmc0: SDHCI controller on 1000fff000.mmc [1000fff000.mmc] using ADMA 64-bit", "2712"),
 }
-_CHIPS["cm3+"] = _CHIPS["cm3"]
-_CHIPS["cm4s"] = _Chip("a03150", "0x410fd083", "ttyAMA0",
+CHIPS["cm3+"] = CHIPS["cm3"]
+CHIPS["cm4s"] = Chip("a03150", "0x410fd083", "ttyAMA0",
                        "fe201000.serial: ttyAMA0 at MMIO 0xfe201000 (irq = 36, base_baud = 0) is a PL011 "
                        "rev2",
-                       _CHIPS["cm4"].mmc_line, "v8", "v7l", kernel32="kernel7l.img")
+                       CHIPS["cm4"].mmc_line, "v8", "v7l", kernel32="kernel7l.img")
 
 #: config.txt section filters each model obeys (besides [all]).
 _FILTERS = {"cm1": {"pi1", "cm1"}, "cm3": {"pi3", "cm3"}, "cm3+": {"pi3", "cm3+"}, "cm4": {"pi4", "cm4"},
@@ -157,8 +157,8 @@ def boot(model: ModuleModel, image: Path, serial: int, eeprom: Bootloader | None
     """The UART output of one boot from the eMMC image at ``image``; returns how the boot ends.
 
     ``eeprom`` is the bootloader a CM4/CM5's EEPROM holds (None: no valid one, e.g. after a torn update)."""
-    chip = _CHIPS[model.name]
-    disk = _Disk(image)
+    chip = CHIPS[model.name]
+    disk = BootDisk(image)
     if not model.has_eeprom and model.name != "cm5":
         return (yield from _gpu_boot(model, chip, disk))
     if eeprom is None:  # the ROM finds no bootloader in the SPI flash: silence, then it waits on USB
@@ -167,7 +167,7 @@ def boot(model: ModuleModel, image: Path, serial: int, eeprom: Bootloader | None
     return (yield from _bootloader(model, chip, disk, serial, eeprom))
 
 
-class _Disk:
+class BootDisk:
     """The eMMC as the SoC reads it; an unreadable structure is simply absent, as to a boot ROM."""
 
     def __init__(self, image: Path):
@@ -200,13 +200,13 @@ class _Disk:
 
 
 @dataclass(frozen=True)
-class _Config:
+class BootConfig:
     """config.txt as the firmware of one model reads it: later lines win, other models' sections skipped."""
 
     values: dict[str, str]
 
     @classmethod
-    def parse(cls, text: str, model: str) -> _Config:
+    def parse(cls, text: str, model: str) -> BootConfig:
         values: dict[str, str] = {}
         active = True
         for raw in text.splitlines():
@@ -230,7 +230,7 @@ class _Config:
 # -- the boot ROM, the EEPROM bootloader and the GPU firmware ---------------------------------------------
 
 
-def _gpu_boot(model: ModuleModel, chip: _Chip, disk: _Disk) -> BootLog:
+def _gpu_boot(model: ModuleModel, chip: Chip, disk: BootDisk) -> BootLog:
     """CM1/CM3 (and the EEPROM-less CM4S): the ROM loads bootcode.bin, the GPU firmware says nothing."""
     files = boot_files(model.name)
     if disk.boot_file(files.firmware[0]) is None:
@@ -241,7 +241,7 @@ def _gpu_boot(model: ModuleModel, chip: _Chip, disk: _Disk) -> BootLog:
     return (yield from _kernel(model, chip, disk, started=3.2))
 
 
-def _bootloader(model: ModuleModel, chip: _Chip, disk: _Disk, serial: int, eeprom: Bootloader) -> BootLog:
+def _bootloader(model: ModuleModel, chip: Chip, disk: BootDisk, serial: int, eeprom: Bootloader) -> BootLog:
     """CM4/CM5: the EEPROM bootloader, which reports every step and walks its BOOT_ORDER (forever, with
     RESTART); a mode that finds nothing to boot hands over to the next."""
     yield Emit(0.35, f"RPi: BOOTLOADER release VERSION:{eeprom.version} DATE: {eeprom.date}\n")
@@ -270,7 +270,7 @@ def _bootloader(model: ModuleModel, chip: _Chip, disk: _Disk, serial: int, eepro
                 yield Emit(seconds if n == len(lines) - 1 else 0.02, line + "\n")
 
 
-def _sd_mode(model: ModuleModel, chip: _Chip, disk: _Disk) -> Generator[Emit, None, Outcome | _NothingToBoot]:
+def _sd_mode(model: ModuleModel, chip: Chip, disk: BootDisk) -> Generator[Emit, None, Outcome | _NothingToBoot]:
     """Boot mode SD (the eMMC on a CM); with nothing to boot on it, the bootloader tries its next mode."""
     yield Emit(0.02, "SD HOST: 200000000 CTL0: 0x00800000 BUS: 400000 Hz actual: 390625 HZ div: 512 (256) "
                      "status: 0x1fff0000 delay: 276\n")
@@ -297,7 +297,7 @@ def _sd_mode(model: ModuleModel, chip: _Chip, disk: _Disk) -> Generator[Emit, No
     config_data = disk.boot_file("config.txt")
     if config_data is not None:
         yield Emit(0.03, f"Read config.txt bytes {len(config_data):8d} hnd 0x0\n")
-    config = _Config.parse((config_data or b"").decode("utf-8", "replace"), model.name)
+    config = BootConfig.parse((config_data or b"").decode("utf-8", "replace"), model.name)
     files = boot_files(model.name)
     if model.name == "cm5":  # the CM5's firmware is in the EEPROM: it loads the kernel itself
         return (yield from _load_kernel_from_bootloader(model, chip, disk, config))
@@ -313,9 +313,9 @@ def _sd_mode(model: ModuleModel, chip: _Chip, disk: _Disk) -> Generator[Emit, No
     return (yield from _kernel(model, chip, disk, started=1.6, config=config))
 
 
-def _load_kernel_from_bootloader(model: ModuleModel, chip: _Chip, disk: _Disk,
-                                 config: _Config) -> Generator[Emit, None, Outcome | _NothingToBoot]:
-    name = _kernel_name(model, chip, config)
+def _load_kernel_from_bootloader(model: ModuleModel, chip: Chip, disk: BootDisk,
+                                 config: BootConfig) -> Generator[Emit, None, Outcome | _NothingToBoot]:
+    name = kernel_name(model, chip, config)
     data = disk.boot_file(name)
     if data is None:
         yield Emit(0.02, f"Error -2 loading '{name}'\nBoot failed: no kernel found on partition 0\n")
@@ -350,23 +350,23 @@ class _KernelLog:
         return [self.line(seconds if i == 0 else 0.0, t, level) for i, t in enumerate(texts)]
 
 
-def _kernel(model: ModuleModel, chip: _Chip, disk: _Disk, *, started: float,
-            config: _Config | None = None) -> BootLog:
+def _kernel(model: ModuleModel, chip: Chip, disk: BootDisk, *, started: float,
+            config: BootConfig | None = None) -> BootLog:
     """From the firmware handing over (``started`` s after power-on) to the getty, or to where it stops."""
     if config is None:
-        config = _Config.parse((disk.boot_file("config.txt") or b"").decode("utf-8", "replace"), model.name)
-    kernel_name = _kernel_name(model, chip, config)
+        config = BootConfig.parse((disk.boot_file("config.txt") or b"").decode("utf-8", "replace"), model.name)
+    kernel_file = kernel_name(model, chip, config)
     arm64 = config.flag("arm_64bit", model.name in ("cm4", "cm4s", "cm5")) or not chip.kernel32
-    kernel = disk.boot_file(kernel_name)
+    kernel = disk.boot_file(kernel_file)
     dtb = disk.boot_file(config.get("device_tree", boot_files(model.name).dtb))
-    title = _fdt_model(dtb) if dtb else None
+    title = fdt_model(dtb) if dtb else None
     if kernel is None or title is None or not _runs(kernel, arm64):
         yield Emit(started, "", None)
         # no kernel, a kernel for the wrong mode or no device tree: the CPU runs into garbage
         bits = "64" if arm64 else "32"
-        return Stuck(f"{kernel_name} missing or not a {bits}-bit kernel, or no device tree")
+        return Stuck(f"{kernel_file} missing or not a {bits}-bit kernel, or no device tree")
     cmdline_data = disk.boot_file(config.get("cmdline", "cmdline.txt")) or b""
-    args = _kernel_args(cmdline_data.decode("utf-8", "replace").split("\n", 1)[0].strip(), chip.serial0)
+    args = kernel_args(cmdline_data.decode("utf-8", "replace").split("\n", 1)[0].strip(), chip.serial0)
     serial_tty, baud = _serial_console(args, chip)
     if not config.flag("enable_uart"):
         serial_tty = None  # the UART pins are not set up: the kernel's console output goes nowhere
@@ -466,7 +466,7 @@ def _kernel(model: ModuleModel, chip: _Chip, disk: _Disk, *, started: float,
                   console_is_serial and log.loglevel > 4, proc)
 
 
-def _panic(log: _KernelLog, args: list[tuple[str, str | None]], disk: _Disk, root_arg: str, block: str,
+def _panic(log: _KernelLog, args: list[tuple[str, str | None]], disk: BootDisk, root_arg: str, block: str,
            title: str, release: str, version: str, error: int) -> BootLog:
     reason = f"VFS: Unable to mount root fs on unknown-block({block})"
     listing = []
@@ -498,7 +498,7 @@ def _panic(log: _KernelLog, args: list[tuple[str, str | None]], disk: _Disk, roo
     return Stuck("kernel panic")
 
 
-def _kernel_name(model: ModuleModel, chip: _Chip, config: _Config) -> str:
+def kernel_name(model: ModuleModel, chip: Chip, config: BootConfig) -> str:
     if config.get("kernel"):
         return config.get("kernel")
     files = boot_files(model.name)
@@ -514,7 +514,7 @@ def _runs(kernel: bytes, arm64: bool) -> bool:
     return len(kernel) >= 0x28 and struct.unpack_from("<I", kernel, 0x24)[0] == ZIMAGE_MAGIC
 
 
-def _fdt_model(blob: bytes) -> str | None:
+def fdt_model(blob: bytes) -> str | None:
     """The root node's ``model`` of a flattened device tree; None if it is not a device tree."""
     if len(blob) < 40:
         return None
@@ -548,7 +548,7 @@ def _fdt_model(blob: bytes) -> str | None:
     return "Raspberry Pi"
 
 
-def _kernel_args(line: str, serial0: str) -> list[tuple[str, str | None]]:
+def kernel_args(line: str, serial0: str) -> list[tuple[str, str | None]]:
     """cmdline.txt as the kernel sees it: the firmware replaces serial0/serial1 with the real tty."""
     args: list[tuple[str, str | None]] = []
     for word in line.split():
@@ -559,7 +559,7 @@ def _kernel_args(line: str, serial0: str) -> list[tuple[str, str | None]]:
     return args
 
 
-def _serial_console(args: list[tuple[str, str | None]], chip: _Chip) -> tuple[str | None, int]:
+def _serial_console(args: list[tuple[str, str | None]], chip: Chip) -> tuple[str | None, int]:
     """The console= naming the UART the rig listens on, and its baud rate (Linux's default 9600)."""
     found: tuple[str | None, int] = (None, 9600)
     for key, value in args:
@@ -572,7 +572,7 @@ def _serial_console(args: list[tuple[str, str | None]], chip: _Chip) -> tuple[st
     return found
 
 
-def _last_console(args: list[tuple[str, str | None]], chip: _Chip) -> str | None:
+def _last_console(args: list[tuple[str, str | None]], chip: Chip) -> str | None:
     consoles = [v.partition(",")[0] for k, v in args if k == "console" and v]
     return consoles[-1] if consoles else None
 

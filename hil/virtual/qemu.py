@@ -76,29 +76,29 @@ def hand_over(model: ModuleModel, image: Path) -> Handover | firmware.UsbFallbac
     stops the boot silently. ``initramfs NAME`` and ``auto_initramfs=1`` load an initramfs, and the firmware's
     ``console=serial0`` becomes the real UART. Overlays and dtparams are not applied (QEMU has no GPU firmware).
     """
-    disk = firmware._Disk(image)
+    disk = firmware.BootDisk(image)
     files = boot_files(model.name)
     if disk.boot_file(files.firmware[0]) is None:
         return firmware.UsbFallback()
     if any(disk.boot_file(name) is None for name in files.firmware[1:]):
         return firmware.Stuck("bootcode.bin found no GPU firmware")
     text = (disk.boot_file("config.txt") or b"").decode("utf-8", "replace")
-    config = firmware._Config.parse(_INITRAMFS_LINE.sub(r"\1initramfs=\2", text), model.name)
-    chip = firmware._CHIPS[model.name]
-    kernel_name = firmware._kernel_name(model, chip, config)
+    config = firmware.BootConfig.parse(_INITRAMFS_LINE.sub(r"\1initramfs=\2", text), model.name)
+    chip = firmware.CHIPS[model.name]
+    kernel_name = firmware.kernel_name(model, chip, config)
     kernel = disk.boot_file(kernel_name)
     dtb_name = config.get("device_tree", files.dtb)
     dtb = disk.boot_file(dtb_name)
     if not kernel:
         return firmware.Stuck(f"no {kernel_name} on the boot partition")
-    if dtb is None or firmware._fdt_model(dtb) is None:
+    if dtb is None or firmware.fdt_model(dtb) is None:
         return firmware.Stuck(f"{dtb_name} is missing or not a device tree")
     initramfs_name = config.get("initramfs")
     if not initramfs_name and config.flag("auto_initramfs") and kernel_name.startswith("kernel"):
         initramfs_name = "initramfs" + kernel_name.removeprefix("kernel").removesuffix(".img")
     initramfs = disk.boot_file(initramfs_name) if initramfs_name else None
     line = (disk.boot_file(config.get("cmdline", "cmdline.txt")) or b"").decode("utf-8", "replace")
-    args = firmware._kernel_args(line.split("\n", 1)[0].strip(), chip.serial0)
+    args = firmware.kernel_args(line.split("\n", 1)[0].strip(), chip.serial0)
     cmdline = " ".join(f"{k}={v}" if v is not None else k for k, v in args)
     return Handover(kernel, dtb, initramfs, cmdline, config.flag("enable_uart"))
 

@@ -27,10 +27,10 @@ import struct
 import threading
 from dataclasses import dataclass
 
-from hil.virtual.usb.descriptors import StandardRequests, rom_descriptors
+from hil.virtual.usb.descriptors import rom_descriptors
 from hil.virtual.usb.device import ControlSetup, DeviceGone, Stall, Unresponsive
 from hil.virtual.usb.payloads import PROGRAMS, StandIn, read_stand_in
-from hil.virtual.usb.switches import DeviceEnv
+from hil.virtual.usb.switches import DeviceEnv, VendorControl
 
 BOOT_MESSAGE_SIZE = 24
 STATUS_OK = 0
@@ -57,9 +57,8 @@ class BootRom:
         self.descriptors = rom_descriptors(env.model, env.serial, config_55_32=sw.config_55_32,
                                            full_speed=sw.full_speed)
         self.identity = self.descriptors.identity()
-        self._std = StandardRequests(self.descriptors)
+        self._ep0 = VendorControl(self.descriptors, env, "rom")
         self._cond = threading.Condition()
-        self._first_control = sw.first_control is not None
         self._result: RomResult | None = None
         self._reset()
 
@@ -77,14 +76,9 @@ class BootRom:
 
     def control(self, setup: ControlSetup, data: bytes, cancel: threading.Event) -> bytes:
         self._check_present()
-        reply = self._std.handle(setup, data)
+        reply = self._ep0.screen(setup, data)
         if reply is not None:
             return reply
-        if not setup.is_vendor or setup.bRequest != 0:
-            raise Stall(f"unknown request {setup.bmRequestType:#x}/{setup.bRequest}")
-        if self._first_control:
-            self._first_control = False
-            self.env.fail_first_control("rom")
         with self._cond:
             if self._result is not None:  # on its way off the bus: the double sighting
                 raise Unresponsive("boot ROM is leaving the bus")

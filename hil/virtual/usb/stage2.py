@@ -22,10 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hil.virtual.eeprom import VirtualEeprom
-from hil.virtual.usb.descriptors import StandardRequests, stage2_descriptors
+from hil.virtual.usb.descriptors import stage2_descriptors
 from hil.virtual.usb.device import Cancelled, ControlSetup, Stall, Unresponsive
 from hil.virtual.usb.payloads import MEMSYS_COUNT, StandIn, read_stand_in
-from hil.virtual.usb.switches import DeviceEnv
+from hil.virtual.usb.switches import DeviceEnv, VendorControl
 
 GET_FILE_SIZE, READ_FILE, DONE = 0, 1, 2
 REQUEST_SIZE = 260
@@ -62,9 +62,8 @@ class SecondStage:
         self.eeprom = eeprom
         self.descriptors = stage2_descriptors(env.model, env.serial, config_55_32=env.switches.config_55_32)
         self.identity = self.descriptors.identity()
-        self._std = StandardRequests(self.descriptors)
+        self._ep0 = VendorControl(self.descriptors, env, "second-stage")
         self._cond = threading.Condition()
-        self._first_control = env.switches.first_control is not None
         self._delay_pending = env.switches.request_delay > 0
         self._pending: bytes | None = None  # the next request, not yet read by the host
         self._pending_kind = ""
@@ -77,14 +76,9 @@ class SecondStage:
 
     def control(self, setup: ControlSetup, data: bytes, cancel: threading.Event) -> bytes:
         self.env.check_power()
-        reply = self._std.handle(setup, data)
+        reply = self._ep0.screen(setup, data)
         if reply is not None:
             return reply
-        if not setup.is_vendor or setup.bRequest != 0:
-            raise Stall(f"unknown request {setup.bmRequestType:#x}/{setup.bRequest}")
-        if self._first_control:
-            self._first_control = False
-            self.env.fail_first_control("second-stage")
         if setup.is_in:
             return self._hand_out_request(setup, cancel)
         with self._cond:

@@ -18,7 +18,8 @@ from hil.models import ModuleModel
 from hil.rig import _PORT_PATH  # the rig file's own port-path rule
 from hil.virtual.journal import Journal
 from hil.virtual.timing import DeviceClock
-from hil.virtual.usb.device import DeviceGone, Stall, Unresponsive
+from hil.virtual.usb.descriptors import Descriptors, StandardRequests
+from hil.virtual.usb.device import ControlSetup, DeviceGone, Stall, Unresponsive
 
 _PORT_HELP = 'a USB port path such as "1-1.5"'
 _FLAGS = ("config_55_32", "full_speed", "rom_double_sighting", "no_detach_after_done", "no_mass_storage")
@@ -105,7 +106,6 @@ class DeviceEnv:
     power_cut: threading.Event = field(default_factory=threading.Event)
     bulk_received: int = 0  # for truncated_bulk
     disconnect_fired: bool = False
-    eeprom: bytes = b""  # the SPI bootloader EEPROM's contents; recovery flashes it
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def take_bulk(self, n: int) -> bool:
@@ -126,3 +126,26 @@ class DeviceEnv:
         mode = self.switches.first_control
         self.journal.record("fault", "first_control", stage=stage, mode=mode)
         raise Stall("first control transfer") if mode == "stall" else Unresponsive("first control transfer")
+
+
+class VendorControl:
+    """EP0 as both boot stages answer it: standard requests from the descriptors, a stall for anything but
+    vendor request 0, and the ``first_control`` fault on the stage's first vendor request."""
+
+    def __init__(self, descriptors: Descriptors, env: DeviceEnv, stage: str):
+        self._standard = StandardRequests(descriptors)
+        self._env = env
+        self._stage = stage
+        self._armed = env.switches.first_control is not None
+
+    def screen(self, setup: ControlSetup, data: bytes) -> bytes | None:
+        """The reply to a standard request, or None for the vendor request the stage itself must handle."""
+        reply = self._standard.handle(setup, data)
+        if reply is not None:
+            return reply
+        if not setup.is_vendor or setup.bRequest != 0:
+            raise Stall(f"unknown request {setup.bmRequestType:#x}/{setup.bRequest}")
+        if self._armed:
+            self._armed = False
+            self._env.fail_first_control(self._stage)
+        return None
