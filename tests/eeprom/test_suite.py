@@ -15,6 +15,6 @@ PLUGIN = ("-p", "fixtures.plugin", "-p", "no:cacheprovider")
 def test_the_eeprom_suite_passes_on_virtual_cm4_and_cm5(pytester: pytest.Pytester, repo: Path,
                                                         make_rig: Callable[..., Path]) -> None:
     rigs = [make_rig("cm4", "suite-cm4", nwp_at_rest=True), make_rig("cm5", "suite-cm5")]
-    run = pytester.runpytest(*PLUGIN, str(repo / "suites" / "test_eeprom.py"),
+    run = pytester.runpytest_subprocess(*PLUGIN, str(repo / "suites" / "test_eeprom.py"),
                              *(arg for rig in rigs for arg in ("--rig", str(rig))))
     run.assert_outcomes(passed=14)  # every test on both rigs; none failed or skipped

@@ -48,7 +48,7 @@ def test_cm1_fails_its_strict_port_in_the_quirk_category_and_cm3_passes(
     monkeypatch.setenv("HIL_REPORTS_DIR", str(tmp_path / "reports"))
     allure = tmp_path / "allure-results"
     suites = [str(REPO / "suites" / name) for name in ("test_cm1_quirk.py", "test_matrix.py")]
-    run = pytester.runpytest(*PLUGIN, *suites,
+    run = pytester.runpytest_subprocess(*PLUGIN, *suites,
                              "--rig", str(REPO / "rigs" / "virtual-cm1-matrix.toml"),
                              "--rig", str(REPO / "rigs" / "virtual-cm3-matrix.toml"), "--alluredir", str(allure))
     run.assert_outcomes(passed=3, failed=1)

@@ -47,7 +47,7 @@ def names(result: dict[str, Any]) -> tuple[list[str], list[str]]:
 def test_suites_on_a_virtual_cm4_leave_steps_attachments_and_environment(
         pytester: pytest.Pytester, make_rig: Callable[..., Path], tmp_path: Path, suites: list[str]) -> None:
     results, junit = tmp_path / "allure-results", tmp_path / "junit.xml"
-    run = pytester.runpytest(*PLUGIN, *suites, "--rig", str(make_rig("plug-run")),
+    run = pytester.runpytest_subprocess(*PLUGIN, *suites, "--rig", str(make_rig("plug-run")),
                              "--alluredir", str(results), "--junitxml", str(junit))
     run.assert_outcomes(passed=9)
     by_name = results_of(results)
@@ -103,8 +103,8 @@ def failing_run(pytester: pytest.Pytester, make_rig: Callable[..., Path],
             make_rig("plug-garbled", port="11-1.4", extra="[virtual.console]\ngarbage = true\n",
                      timeouts={"bootloader": 2})]
     results = tmp_path / "allure-results"
-    run = pytester.runpytest(*PLUGIN, *(a for rig in rigs for a in ("--rig", str(rig))), "--alluredir", str(results),
-                             "-rs")
+    run = pytester.runpytest_subprocess(*PLUGIN, *(a for rig in rigs for a in ("--rig", str(rig))),
+                                        "--alluredir", str(results), "-rs")
     return run, results
 
 
