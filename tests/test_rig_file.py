@@ -37,12 +37,12 @@ def write(tmp_path: Path, text: str) -> Path:
     return p
 
 
-@pytest.mark.parametrize("name", ["virtual-cm1", "virtual-cm3", "virtual-cm4", "virtual-cm5", "example-cm4-io-board"])
-def test_shipped_rigs_load(repo: Path, name: str) -> None:
-    rig = load_rig(repo / "rigs" / f"{name}.toml", check_devices=False)
-    assert rig.name.endswith(name.split("-")[-1]) or rig.name == "lab-cm4-01"
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "rigs").glob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_rigs_load(path: Path) -> None:
+    rig = load_rig(path, check_devices=False)
     assert rig.relays.power is not None and rig.relays.nrpi_boot is not None
-    assert re.match(r"^\d+-\d+(\.\d+)*$", rig.usb_port)
+    assert all(re.match(r"^\d+-\d+(\.\d+)*$", port) for port in rig.usb_ports)
+    assert rig.is_virtual == path.stem.startswith("virtual-")
 
 
 def test_good_rig_resolves(tmp_path: Path) -> None:
