@@ -93,6 +93,7 @@ class VirtualModule:
         self._energised = {"power": False, "nrpi_boot": False, "eeprom_nwp": False}
         self._session: _Session | None = None
         self._discharge: threading.Timer | None = None
+        self._cut_at = 0.0  # when power was last cut (monotonic), to judge discharge by the clock, not the timer
         self._token = object()  # the pending discharge; a newer one (or a power return) voids it
         self._unwatch: list[Callable[[], None]] = []
         self._serial = firmware.serial_number(rig.name)
@@ -152,6 +153,7 @@ class VirtualModule:
 
     def _line_changed(self, line: RelayLine, level: Level) -> None:
         energised = level is not None and level == line.active_high
+        drained: _Session | None = None
         with self._lock:
             if self._energised[line.role] == energised:
                 return
@@ -159,13 +161,27 @@ class VirtualModule:
             self.journal.record("relay", line.role, energised=energised, gpio=line.gpio, level=level)
             if line.role != "power":
                 return
-            if energised:
+            if not energised:
+                if self._session is not None:
+                    self._cut_at = time.monotonic()
+                    self._discharge = threading.Timer(self.clock.scaled(DISCHARGE_SECONDS), self._discharged,
+                                                      args=(self._discharge_token(),))
+                    self._discharge.daemon = True
+                    self._discharge.start()
+                return
+            if self._discharge is None or time.monotonic() - self._cut_at < self.clock.scaled(DISCHARGE_SECONDS):
                 self._power_applied()
-            elif self._session is not None:
-                self._discharge = threading.Timer(self.clock.scaled(DISCHARGE_SECONDS), self._discharged,
-                                                  args=(self._discharge_token(),))
-                self._discharge.daemon = True
-                self._discharge.start()
+                return
+            # Drained, though the timer has not run yet (a busy host): the SoC did lose power.
+            self._discharge.cancel()
+            self._discharge = None
+            self._discharge_token()
+            drained = self._stop("power cut")
+        if drained is not None:
+            self._power_down(drained)
+        with self._lock:
+            if self._energised["power"]:
+                self._power_applied()
 
     def _discharge_token(self) -> object:
         self._token = object()
