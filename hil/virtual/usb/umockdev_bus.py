@@ -793,16 +793,24 @@ class UsbBus:
         maxchild = (bus.controller.root_ports if hub is None else sysfs.HUB_PORTS) if is_hub else 0
         enumeration.records = sysfs.device_records(node, identity.device_descriptor,
                                                    identity.config_descriptors, identity.strings, drivers, maxchild)
+        # umockdev aborts the whole process when asked to add a device that exists: clear what an unplug
+        # that failed half-way (in a device thread, where nobody saw the error) may have left behind.
+        stale = [r for r in enumeration.records if os.path.exists(self.root_dir + r.syspath)]
+        if stale:
+            log.warning("usb %s: removing %d stale sysfs entries before enumerating", name, len(stale))
+            self._remove_records(stale)
         self._testbed.add_from_string("\n".join(r.text() for r in enumeration.records))
         return enumeration
 
     def _unplug(self, enumeration: _Enumeration) -> None:
-        enumeration.unplug()
-        for _, disk, records in reversed(enumeration.disks):
-            self._remove_disk(disk, records)
-        enumeration.disks.clear()
-        self._remove_records(enumeration.records + enumeration.scsi_host)
-        self._retire_idle()
+        try:
+            enumeration.unplug()
+            for _, disk, records in reversed(enumeration.disks):
+                self._remove_disk(disk, records)
+            enumeration.disks.clear()
+        finally:  # the device must leave sysfs whatever else failed, or its port can never be used again
+            self._remove_records(enumeration.records + enumeration.scsi_host)
+            self._retire_idle()
 
     def _remove_records(self, records: list[sysfs.Record]) -> None:
         """Children first; umockdev 0.17.16's remove_device() sends no "remove" uevent itself."""
