@@ -173,6 +173,16 @@ class Rig:
         return self.virtual is not None
 
 
+def parse_stage_timeout(item: str) -> tuple[str, float] | None:
+    """``STAGE=SECONDS`` from a command line, or None unless the stage is known and the seconds positive."""
+    stage, _, value = item.partition("=")
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return (stage, seconds) if stage in DEFAULT_TIMEOUTS and seconds > 0 else None
+
+
 def runtime_dir() -> Path:
     """Where live rig state (locks, virtual consoles) goes; overridable for tests and parallel runs."""
     return Path(os.environ.get("HIL_RUNTIME_DIR") or f"/tmp/cm-hil-{os.getuid()}")

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 from hil.errors import HilError, InputError
 from hil.models import MODELS
-from hil.rig import DEFAULT_TIMEOUTS, load_rig
+from hil.rig import load_rig, parse_stage_timeout
 from hil.units import human_size
 from hil.usbboot.host import DEFAULT_ROM_ATTEMPTS, DEFAULT_SETTLE, READ_TIMEOUT, UsbBoot, UsbBootResult
 from hil.usbboot.trace import FileServed, Listener, StageTiming
@@ -70,15 +70,11 @@ class _Progress(Listener):
 def _timeouts(items: list[str]) -> dict[str, float]:
     out = {}
     for item in items:
-        stage, _, value = item.partition("=")
-        try:
-            seconds = float(value)
-        except ValueError:
-            seconds = -1.0
-        if stage not in DEFAULT_TIMEOUTS or seconds <= 0:
+        parsed = parse_stage_timeout(item)
+        if parsed is None:
             raise InputError(f"--timeout {item!r}: write STAGE=SECONDS with a positive number and a stage "
                              f"from {', '.join(_STAGES)}", stage="usbboot")
-        out[stage] = seconds
+        out[parsed[0]] = parsed[1]
     return out
 
 

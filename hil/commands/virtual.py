@@ -119,8 +119,7 @@ def _selftest(args: argparse.Namespace) -> int:
     """Load a fresh test image, boot it from eMMC, prove its build-id over the console, then show the ROM."""
     rig = _virtual_rig(args.rig)
     ensure_umockdev(sys.argv[1:])
-    import usb.core
-
+    from hil.bootmode import wait_for_rom
     from hil.console import Console
     from hil.image.build import ImageSpec, build_image
     from hil.virtual.rig import VirtualRig
@@ -160,19 +159,8 @@ def _selftest(args: argparse.Namespace) -> int:
             t0 = time.monotonic()
             relays.nrpi_boot.set(True)
             relays.power.set(True)
-            port = tuple(int(x) for x in rig.usb_port.split("-", 1)[1].split("."))
-            bus = int(rig.usb_port.split("-", 1)[0])
-            deadline = time.monotonic() + rig.timeouts["rom"]
-            rom = None
-            while rom is None and time.monotonic() < deadline:
-                rom = usb.core.find(idVendor=0x0A5C, idProduct=rig.model.rom_pid,
-                                    custom_match=lambda d: d.bus == bus and tuple(d.port_numbers or ()) == port)
-                time.sleep(0.05)
-            if rom is None:
-                raise ProductError(f"no boot ROM 0a5c:{rig.model.rom_pid:04x} on port {rig.usb_port} within "
-                                   f"{rig.timeouts['rom']:g} s of power-on with nRPI_BOOT asserted",
-                                   stage="selftest.rom")
-            step("nRPI_BOOT: ROM on USB port", t0, f"0a5c:{rom.idProduct:04x} on {rig.usb_port}")
+            rom = wait_for_rom(rig, rig.timeouts["rom"])
+            step("nRPI_BOOT: ROM on USB port", t0, f"0a5c:{rom.pid:04x} on {rig.usb_port}")
             state = vrig.module.state
             relays.safe()
     print(_report(vrig, state), file=sys.stderr)
