@@ -11,7 +11,6 @@ scheduler can tell "the product regressed" from "the lab needs a look".
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hil.errors import ExitCode, Fault, HilError, InfrastructureError, InputError
+from hil.hostenv import outside_umockdev
 from hil.report import render_report
 from hil.rig import Rig, load_rig
 
@@ -134,7 +134,7 @@ def run_nightly(rig_paths: list[str], *, images: list[str] | None = None, payloa
     results, junit = report / "allure-results", report / "junit.xml"
     command = pytest_command(rigs, results=results, junit=junit, images=images or [], payloads=payloads or [],
                              extra=extra or [])
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "UMOCKDEV_DIR")}
+    env = outside_umockdev()
     seconds: dict[str, float] = {}
     started = time.monotonic()
     status = subprocess.run(command, cwd=REPO, env=env, check=False).returncode

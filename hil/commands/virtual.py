@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from hil.errors import InfrastructureError, InputError, ProductError
+from hil.hostenv import umockdev_active
 from hil.relays import RelayBank
 from hil.rig import Rig, load_rig, runtime_dir
 
@@ -42,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def ensure_umockdev(argv: list[str]) -> None:
     """Re-run this command under umockdev-wrapper, so libusb and udev see the virtual USB devices."""
-    if "libumockdev-preload" in os.environ.get("LD_PRELOAD", ""):
+    if umockdev_active():
         return
     wrapper = shutil.which("umockdev-wrapper")
     if wrapper is None:

@@ -6,20 +6,18 @@ route its own device access through the mock, so every tool gets a clean environ
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
 from hil.errors import InfrastructureError
-
-_DROP = ("LD_PRELOAD", "UMOCKDEV_DIR")
+from hil.hostenv import outside_umockdev
 
 
 def tool_env(**extra: str) -> dict[str, str]:
     """The environment for a tool: ours without the umockdev hooks, C locale for stable messages."""
-    env = {k: v for k, v in os.environ.items() if k not in _DROP}
+    env = outside_umockdev()
     env.update(LC_ALL="C", MTOOLS_SKIP_CHECK="1", DEBUGFS_PAGER="__none__", **extra)
     return env
 

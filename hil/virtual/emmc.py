@@ -28,6 +28,7 @@ from typing import IO
 
 import hil.rig
 from hil.errors import InfrastructureError
+from hil.hostenv import outside_umockdev
 from hil.virtual.journal import Journal
 from hil.virtual.throttlefs import CONTROL_NAME, IMAGE_NAME, MAX_WRITE, OPS, Fault, State, encode_state
 
@@ -35,13 +36,9 @@ STAGE = "virtual.emmc"
 _TOOLS = ("losetup", "fusermount", "findmnt")
 
 
-def _tool_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "UMOCKDEV_DIR")}
-
-
 def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(cmd, env=_tool_env(), capture_output=True, text=True, timeout=30, check=False)
+        return subprocess.run(cmd, env=outside_umockdev(), capture_output=True, text=True, timeout=30, check=False)
     except subprocess.TimeoutExpired:
         raise InfrastructureError(f"{' '.join(cmd)} did not finish in 30 s", stage=STAGE) from None
 
@@ -97,7 +94,7 @@ class _FuseLoop:
         self._log = open(self.workdir / "server.log", "wb")  # noqa: SIM115 - the server's output, until stop()
         self._server = subprocess.Popen(
             [sys.executable, "-m", "hil.virtual.throttlefs", str(self.image), str(self.mountpoint)],
-            env=_tool_env(), stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            env=outside_umockdev(), stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True)
         self._await_mount(size)
         self.send(state)

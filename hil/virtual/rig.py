@@ -11,12 +11,12 @@ a person (or a USB switch) does between runs of a compatibility matrix.
 
 from __future__ import annotations
 
-import os
 import threading
 from types import TracebackType
 from typing import TYPE_CHECKING, ClassVar
 
 from hil.errors import InfrastructureError, InputError, RigFileError
+from hil.hostenv import umockdev_active
 from hil.rig import Rig
 from hil.virtual.console import VirtualConsole
 from hil.virtual.eeprom import VirtualEeprom
@@ -32,11 +32,6 @@ if TYPE_CHECKING:
     from hil.virtual.usb.side import VirtualUsb
 
 CABLE_WAIT = 2.0  # host seconds a module switched off may take to discharge before its cable moves
-
-
-def umockdev_active() -> bool:
-    """True when libusb and udev calls of this process reach umockdev (not the host's real devices)."""
-    return "libumockdev-preload" in os.environ.get("LD_PRELOAD", "")
 
 
 class VirtualRig:

@@ -4,7 +4,6 @@ status the nightly job derives from the results."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from hil.errors import ExitCode
+from hil.hostenv import outside_umockdev
 from hil.nightly import read_outcome
 
 
@@ -38,7 +38,7 @@ def test_two_rigs_run_in_parallel_one_worker_each(pytester: pytest.Pytester, mak
 
 def test_hil_nightly_runs_the_suites_and_renders_the_report(make_rig: Callable[..., Path], wrapper: str,
                                                            tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "UMOCKDEV_DIR")}
+    env = outside_umockdev()
     report = tmp_path / "night"
     done = subprocess.run([sys.executable, "-m", "hil.cli", "nightly", "--rig", str(make_rig("plug-night")),
                            "--report-dir", str(report), "--single-file", "--", "-k",

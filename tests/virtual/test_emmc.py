@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from hil.errors import InfrastructureError
+from hil.hostenv import outside_umockdev
 from hil.rig import EmmcFault
 from hil.rig import VirtualEmmc as EmmcConfig
 from hil.virtual.emmc import VirtualEmmc
@@ -22,7 +23,7 @@ from hil.virtual.journal import Journal
 
 MiB = 1024 * 1024
 SIZE = 64 * MiB
-CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "UMOCKDEV_DIR")}
+CLEAN_ENV = outside_umockdev()
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
                                 reason="loop devices over FUSE need root and /dev/fuse")

@@ -17,13 +17,14 @@ from typing import Any
 import pytest
 
 from hil.errors import InputError
+from hil.hostenv import outside_umockdev, umockdev_active
 from hil.virtual.journal import Journal
 from hil.virtual.usb.descriptors import Descriptors, Endpoint, Interface, StandardRequests, config_descriptor
 from hil.virtual.usb.device import BlockChild, Cancelled, ControlSetup, DeviceGone, Stall, Unresponsive, UsbIdentity
-from hil.virtual.usb.umockdev_bus import UsbBus, UsbPort, preload_active
+from hil.virtual.usb.umockdev_bus import UsbBus, UsbPort
 
 pytestmark = pytest.mark.skipif(
-    not preload_active(), reason="needs umockdev's preload library: run pytest under `umockdev-wrapper`")
+    not umockdev_active(), reason="needs umockdev's preload library: run pytest under `umockdev-wrapper`")
 
 VID, PID = 0x1209, 0x0001
 STRINGS = {1: "HIL", 2: "Echo", 3: "SER-42"}
@@ -428,7 +429,7 @@ def test_block_device_target_shows_as_a_block_device_with_its_ioctls(bus: UsbBus
                                                                       tmp_path: Any) -> None:
     image = tmp_path / "emmc.img"
     image.write_bytes(b"LOOPDATA" + bytes(4 * 1024 * 1024 - 8))
-    tool_env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "UMOCKDEV_DIR")}
+    tool_env = outside_umockdev()
     loop = subprocess.run(["losetup", "-f", "--show", str(image)], env=tool_env, capture_output=True, text=True,
                           check=True).stdout.strip()
     try:

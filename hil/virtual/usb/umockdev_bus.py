@@ -40,6 +40,7 @@ gi.require_version("UMockdev", "1.0")
 from gi.repository import UMockdev  # noqa: E402
 
 from hil.errors import InfrastructureError, InputError  # noqa: E402
+from hil.hostenv import umockdev_active  # noqa: E402
 from hil.virtual.journal import Journal  # noqa: E402
 from hil.virtual.usb import sysfs, usbfs  # noqa: E402
 from hil.virtual.usb.descriptors import (  # noqa: E402
@@ -69,11 +70,6 @@ STAGE = "usb.transport"
 _PORT_PATH = re.compile(r"^(\d+)-(\d+(?:\.\d+){0,5})$")
 _DEFERRED = object()  # an ioctl handler's "I complete this request later"
 _DRIVERS = {8: "usb-storage", 9: "hub"}  # the kernel drivers that bind interfaces of these classes
-
-
-def preload_active() -> bool:
-    """Whether this process runs under umockdev's preload (``umockdev-wrapper``), which the bus needs."""
-    return "libumockdev-preload" in os.environ.get("LD_PRELOAD", "")
 
 
 class _Errno(Exception):
@@ -642,7 +638,7 @@ class UsbBus:
         if UsbBus._instance is not None:
             raise InfrastructureError("a UsbBus already exists in this process; use UsbBus.get()",
                                       stage=STAGE)
-        if not preload_active():
+        if not umockdev_active():
             raise InfrastructureError(
                 "the virtual USB bus needs umockdev's preload library; run the command under "
                 "`umockdev-wrapper` (apt package umockdev)", stage=STAGE)
