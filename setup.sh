@@ -28,6 +28,21 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# umockdev 0.17.16 (Debian 12) aborts the whole process when a uevent listener's socket queue is full, and the
+# kernel's default queue is 10 datagrams: one mass-storage plug sends more than that to a listener that is
+# busy for a moment. Give listeners room (fixed in umockdev 0.19.4, which retries instead).
+UNIX_QLEN=4096
+qlen_file=/proc/sys/net/unix/max_dgram_qlen
+if [ "$(cat "$qlen_file")" -lt "$UNIX_QLEN" ]; then
+  if echo "$UNIX_QLEN" | $SUDO tee "$qlen_file" >/dev/null 2>&1; then
+    $SUDO mkdir -p /etc/sysctl.d  # kept across reboots where sysctl.d is applied
+    echo "net.unix.max_dgram_qlen = $UNIX_QLEN" | $SUDO tee /etc/sysctl.d/60-cm-hil.conf >/dev/null
+  else
+    echo "setup: warning: cannot raise $qlen_file to $UNIX_QLEN (read-only here?); the virtual rig may abort" \
+         "under load. Fix: sysctl -w net.unix.max_dgram_qlen=$UNIX_QLEN on the host" >&2
+  fi
+fi
+
 # --system-site-packages: umockdev's Python bindings (gi) come from Debian's python3-gi; PyPI's PyGObject
 # needs a newer GLib than Debian 12 has.
 if [ ! -x .venv/bin/python ]; then

@@ -619,6 +619,27 @@ class UsbPort:
             self._bus._set_disks(self._current, disks)
 
 
+UEVENT_QUEUE = 4096  # datagrams a uevent listener may fall behind; setup.sh sets it
+_QLEN_FILE = "/proc/sys/net/unix/max_dgram_qlen"
+
+
+def uevent_queue_shortfall(qlen_file: str = _QLEN_FILE) -> str | None:
+    """Why this host may abort the virtual rig, or None.
+
+    umockdev 0.17.16 sends each uevent to every listener's socket without waiting and aborts the process
+    on EAGAIN; a listener's queue holds ``net.unix.max_dgram_qlen`` datagrams (10 by default), fewer than
+    one mass-storage plug sends to a listener that is busy for a moment."""
+    try:
+        with open(qlen_file) as f:
+            qlen = int(f.read())
+    except (OSError, ValueError):
+        return None
+    if qlen >= UEVENT_QUEUE:
+        return None
+    return (f"net.unix.max_dgram_qlen is {qlen}: umockdev may abort the run when a uevent listener falls "
+            f"behind. Fix: sysctl -w net.unix.max_dgram_qlen={UEVENT_QUEUE} (setup.sh does this)")
+
+
 class UsbBus:
     """The process's virtual USB: host controllers, hubs and ports on one umockdev testbed."""
 
@@ -642,6 +663,9 @@ class UsbBus:
             raise InfrastructureError(
                 "the virtual USB bus needs umockdev's preload library; run the command under "
                 "`umockdev-wrapper` (apt package umockdev)", stage=STAGE)
+        shortfall = uevent_queue_shortfall()
+        if shortfall:
+            log.warning("%s", shortfall)
         self._lock = threading.RLock()
         self._testbed: Any = UMockdev.Testbed.new()
         self.root_dir: str = self._testbed.get_root_dir()
