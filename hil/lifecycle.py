@@ -77,6 +77,8 @@ class RigLock:
         self._fd = -1
 
     def acquire(self, wait: float = 0.0) -> None:
+        if self._fd >= 0:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         deadline = time.monotonic() + wait
@@ -135,7 +137,9 @@ class Lifecycle:
     """The module of one rig. Use as a context manager; every method is safe to call again."""
 
     def __init__(self, rig: Rig, *, log_dir: Path | None = None, usb_backend: Any = None,
-                 handle_signals: bool = True, lock_wait: float = 0.0):
+                 handle_signals: bool = True, lock_wait: float = 0.0, lock: RigLock | None = None):
+        """``lock``: the rig's lock, already held by a caller that must own the rig before it opens anything
+        else (a virtual module, say); the caller then releases it, after this lifecycle has closed."""
         self.rig = rig
         self.log_dir = log_dir
         self.usb_backend = usb_backend
@@ -147,7 +151,8 @@ class Lifecycle:
         self.usbboot: UsbBootResult | None = None
         self.flashed_build_id: str | None = None
         self._state = ModuleState.OFF
-        self._lock = RigLock(rig)
+        self._lock = lock or RigLock(rig)
+        self._own_lock = lock is None
         self._state_file = StateFile(rig)
         self._power: PowerSwitch | None = None
         self._bootmode: BootMode | None = None
@@ -188,7 +193,8 @@ class Lifecycle:
                 self._shut_down()
         finally:
             self._restore_signal_handlers()
-            self._lock.release()
+            if self._own_lock:
+                self._lock.release()
             self._closing = False
         if self._deferred_signal is not None:
             signum, self._deferred_signal = self._deferred_signal, None

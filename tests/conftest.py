@@ -1,4 +1,5 @@
-"""Isolation for the framework's own tests: each test session gets its own runtime and state folders."""
+"""Isolation for the framework's own tests: each test session gets its own runtime and state folders. Also the one
+skip (and import) for tests that need the virtual rig's USB."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+from hil.hostenv import umockdev_active
 
 _owned: Path | None = None
 if "HIL_RUNTIME_DIR" not in os.environ:  # xdist workers inherit the controller's folders
@@ -23,6 +26,16 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def virtual_usb() -> None:
+    """Skip unless the virtual rig's USB and eMMC work here: root, under umockdev-wrapper."""
+    if os.geteuid() != 0 or not umockdev_active():
+        pytest.skip("the virtual rig's USB and eMMC need root and umockdev: run pytest as root under umockdev-wrapper")
+    # Each pytester drops the modules imported while it exists, but GLib types and the process's one umockdev
+    # testbed cannot be made twice: the virtual USB bus is imported here, once, before any pytester.
+    import hil.virtual.usb.umockdev_bus  # noqa: F401
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

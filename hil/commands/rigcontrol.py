@@ -20,7 +20,7 @@ import tty
 from collections.abc import Iterator
 
 from hil.console import Console
-from hil.lifecycle import Lifecycle
+from hil.lifecycle import Lifecycle, RigLock
 from hil.rig import Rig, load_rig
 
 QUIT = b"\x1d"  # Ctrl-]
@@ -55,10 +55,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def rig_session(path: str) -> Iterator[Lifecycle]:
     """The rig of a command as one lifecycle (a virtual rig is brought up beside it first)."""
     rig = load_rig(path)
+    lock = RigLock(rig)  # before the virtual module: a second command must not touch its console or eMMC
+    lock.acquire()
     with contextlib.ExitStack() as stack:
+        stack.callback(lock.release)
         if rig.is_virtual:
             stack.enter_context(_virtual_module(rig))
-        lifecycle = stack.enter_context(Lifecycle(rig))
+        lifecycle = stack.enter_context(Lifecycle(rig, lock=lock))
         if lifecycle.recovered:
             print(f"hil: {lifecycle.recovered}", file=sys.stderr)
         yield lifecycle

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from hil.errors import InfrastructureError, InputError, ProductError
+from hil.commands.rigcontrol import rig_session
+from hil.errors import InfrastructureError, InputError
 from hil.hostenv import umockdev_active
-from hil.relays import RelayBank
 from hil.rig import Rig, load_rig, runtime_dir
+
+if TYPE_CHECKING:
+    from hil.lifecycle import Lifecycle
+    from hil.virtual.module import State
+    from hil.virtual.rig import VirtualRig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,21 +68,31 @@ def _virtual_rig(path: str) -> Rig:
     return rig
 
 
+@contextlib.contextmanager
+def _session(path: str) -> Iterator[tuple[VirtualRig, Lifecycle]]:
+    """The virtual module and the lifecycle that drives it, as ``hil boot`` has them: the lifecycle (rig
+    lock, state file, signals) closes first, so the safe state reaches a module that still exists."""
+    from hil.virtual.rig import VirtualRig
+
+    with rig_session(path) as lifecycle:
+        yield VirtualRig.running(lifecycle.rig.name), lifecycle
+
+
 def _run(args: argparse.Namespace) -> int:
     program = args.program[1:] if args.program[:1] == ["--"] else args.program
     if not program:
         raise InputError("no PROGRAM given; write: hil virtual run --rig RIG -- PROGRAM ARGS...", stage="virtual")
-    rig = _virtual_rig(args.rig)
+    _virtual_rig(args.rig)
     ensure_umockdev(sys.argv[1:])
-    from hil.virtual.rig import VirtualRig
     from hil.virtual.usb.umockdev_bus import UsbBus
 
-    with VirtualRig(rig) as vrig, RelayBank(rig.relays) as relays:
-        assert relays.power is not None
-        if relays.nrpi_boot is not None:
-            relays.nrpi_boot.set(args.boot_mode == "usb")
-        relays.power.set(True)
-        env = {**os.environ, **UsbBus.get().child_env(), "HIL_RUNTIME_DIR": str(runtime_dir())}
+    with _session(args.rig) as (vrig, lifecycle):
+        rig = lifecycle.rig
+        if args.boot_mode == "usb":
+            lifecycle.usb_boot()  # PROGRAM starts once the boot ROM is on the port
+        else:
+            lifecycle.power_on()
+        env = {**UsbBus.get().child_env(), "HIL_RUNTIME_DIR": str(runtime_dir())}
         print(f"hil: virtual {rig.model.name} powered ({args.boot_mode} boot); USB port {rig.usb_port}, "
               f"console {rig.console.device}", file=sys.stderr)
         try:
@@ -82,15 +100,11 @@ def _run(args: argparse.Namespace) -> int:
         except FileNotFoundError:
             raise InputError(f"cannot run {program[0]!r}: no such program", stage="virtual") from None
         state = vrig.module.state
-        relays.safe()
     print(_report(vrig, state), file=sys.stderr)
     return code
 
 
-def _report(vrig: object, state: object) -> str:
-    from hil.virtual.rig import VirtualRig
-
-    assert isinstance(vrig, VirtualRig)
+def _report(vrig: VirtualRig, state: State) -> str:
     journal = vrig.journal
     stages = " -> ".join(journal.stages()) or "(none)"
     files = [f"{e.what} ({e.details.get('size', '?')} bytes)" if e.details.get("size") else f"{e.what} (missing)"
@@ -120,50 +134,36 @@ def _selftest(args: argparse.Namespace) -> int:
     """Load a fresh test image, boot it from eMMC, prove its build-id over the console, then show the ROM."""
     rig = _virtual_rig(args.rig)
     ensure_umockdev(sys.argv[1:])
-    from hil.bootmode import wait_for_rom
-    from hil.console import Console
     from hil.image.build import ImageSpec, build_image
-    from hil.virtual.rig import VirtualRig
 
-    steps: list[tuple[str, float, str]] = []
+    steps: list[float] = []
 
-    def step(name: str, t0: float, result: str) -> None:
-        steps.append((name, time.monotonic() - t0, result))
-        print(f"  {name:<28} {steps[-1][1]:7.2f} s  {result}", file=sys.stderr)
+    def step(name: str, seconds: float, result: str) -> None:
+        steps.append(seconds)
+        print(f"  {name:<28} {seconds:7.2f} s  {result}", file=sys.stderr)
 
     print(f"hil: self-test of {rig.name} ({rig.model.name})", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="hil-selftest-") as tmp:
         t0 = time.monotonic()
         image = build_image(Path(tmp) / "test.img", ImageSpec(model=rig.model.name, size=min(256 * 2**20,
                                                                                            rig.emmc_size)))
-        step("build test image", t0, f"{image.size // 2**20} MiB, build-id {image.build_id}")
-        with VirtualRig(rig) as vrig, RelayBank(rig.relays) as relays:
-            assert relays.power is not None and relays.nrpi_boot is not None
+        step("build test image", time.monotonic() - t0, f"{image.size // 2**20} MiB, build-id {image.build_id}")
+        with _session(args.rig) as (vrig, lifecycle):
+
+            def load() -> None:  # natively, as an eMMC programmer would, while the module is off
+                with open(image.path, "rb") as src, open(vrig.emmc.image_path, "r+b") as dst:
+                    shutil.copyfileobj(src, dst, 4 * 2**20)
+
             t0 = time.monotonic()
-            with open(image.path, "rb") as src, open(vrig.emmc.image_path, "r+b") as dst:
-                shutil.copyfileobj(src, dst, 4 * 2**20)
-            step("load image onto eMMC", t0, str(vrig.emmc.image_path))
-            with Console(rig.console.device, rig.console.baud, forbidden=rig.forbidden,
-                         log_path=runtime_dir() / rig.name / "selftest-console.log") as console:
-                t0 = time.monotonic()
-                relays.power.set(True)
-                console.login(timeout=rig.timeouts["login"], login_prompt=rig.markers["login"])
-                step("power on, boot to login", t0, "logged in as root")
-                t0 = time.monotonic()
-                got = console.run("cat /etc/build-id", timeout=rig.timeouts["command"]).output.strip()
-                if got != image.build_id:
-                    raise ProductError(f"the module booted build-id {got!r}, not {image.build_id!r}",
-                                       stage="selftest.build-id")
-                step("read build-id", t0, got)
-                relays.power.set(False)
-                time.sleep(rig.relays.off_time)
+            lifecycle.flash(load, build_id=image.build_id)
+            step("load image onto eMMC", time.monotonic() - t0, str(vrig.emmc.image_path))
+            record = lifecycle.boot(expect_build_id=image.build_id)  # times counted from power-on
+            step("power on, boot to login", record.markers["login"], "logged in as root")
+            step("read build-id", record.markers["shell"] - record.markers["login"], str(record.build_id))
             t0 = time.monotonic()
-            relays.nrpi_boot.set(True)
-            relays.power.set(True)
-            rom = wait_for_rom(rig, rig.timeouts["rom"])
-            step("nRPI_BOOT: ROM on USB port", t0, f"0a5c:{rom.pid:04x} on {rig.usb_port}")
+            rom = lifecycle.usb_boot()
+            step("nRPI_BOOT: ROM on USB port", time.monotonic() - t0, f"0a5c:{rom.pid:04x} on {rig.usb_port}")
             state = vrig.module.state
-            relays.safe()
     print(_report(vrig, state), file=sys.stderr)
-    print(f"hil: self-test of {rig.name} passed ({sum(s[1] for s in steps):.1f} s)", file=sys.stderr)
+    print(f"hil: self-test of {rig.name} passed ({sum(steps):.1f} s)", file=sys.stderr)
     return 0

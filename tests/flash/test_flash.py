@@ -10,7 +10,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from hil.image.tools import tool_env
 from hil.models import MODELS
 from hil.relays import RelayBank
 from hil.rig import Rig, load_rig
+from tests.rigfiles import virtual_rig_toml
 
 if "libumockdev-preload" not in os.environ.get("LD_PRELOAD", "") or os.geteuid() != 0:
     pytest.skip("needs root and umockdev: run pytest under umockdev-wrapper as root", allow_module_level=True)
@@ -55,37 +56,6 @@ EMMC = 256 * MiB
 FORMATS = ("xz", "gz", "zst", "bz2")
 
 
-def rig_text(name: str, port: str, state: Path, payload: Path, usb: str, gpios: tuple[int, int]) -> str:
-    return f"""
-name = "{name}"
-model = "cm4"
-[emmc]
-size = "{EMMC // MiB}MiB"
-[relays]
-pin_factory = "mock"
-off_time = 0.01
-[relays.power]
-gpio = {gpios[0]}
-[relays.nrpi_boot]
-gpio = {gpios[1]}
-[usb]
-port = "{port}"
-payload = "{payload}"
-[console]
-baud = 115200
-[timeouts]
-mass_storage = 5
-[virtual]
-speedup = 50.0
-state_dir = "{state}"
-[virtual.emmc]
-write_mbps = 0
-read_mbps = 0
-[virtual.usb]
-{usb}
-"""
-
-
 @pytest.fixture(scope="session")
 def payload(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_payload(tmp_path_factory.mktemp("payload"), "mass-storage-gadget64", ("cm4",), boot_img_size=MiB)
@@ -93,11 +63,15 @@ def payload(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def make_rig(tmp_path_factory: pytest.TempPathFactory, payload: Path) -> Callable[..., Rig]:
-    def make(name: str, port: str, gpios: tuple[int, int], usb: str = "") -> Rig:
+    def make(name: str, port: str, gpios: tuple[int, int], usb: Mapping[str, object] | None = None) -> Rig:
         """Rigs alive at once need their own GPIOs: the mock pin factory is shared by the process."""
         folder = tmp_path_factory.mktemp(name)
         path = folder / "rig.toml"
-        path.write_text(rig_text(name, port, folder / "state", payload, usb, gpios))
+        path.write_text(virtual_rig_toml(name, "cm4", port, state_dir=folder / "state", emmc=f"{EMMC // MiB}MiB",
+                                         power_gpio=gpios[0], boot_gpio=gpios[1], nwp_gpio=None, off_time=0.01,
+                                         baud=115200, timeouts={"mass_storage": 5}, speedup=50.0,
+                                         extra={"relays": {"pin_factory": "mock"}, "usb": {"payload": str(payload)},
+                                                "virtual": {"usb": dict(usb or {})}}))
         return load_rig(path)
 
     return make
@@ -210,7 +184,7 @@ def test_discovery_names_the_disk_on_the_rig_port(booted: Booted) -> None:
 def test_late_and_duplicate_disks(make_rig: Callable[..., Rig]) -> None:
     """The disk gets its medium late and a twin appears on 6-1.5: the rig's disk is found, once it has a size,
     and the twin is refused by the port check."""
-    rig = make_rig("flash-faults", "6-1.2", (5, 6), usb='late_disk = 0.4\nduplicate_disk = "6-1.5"')
+    rig = make_rig("flash-faults", "6-1.2", (5, 6), usb={"late_disk": 0.4, "duplicate_disk": "6-1.5"})
     for b in boot(rig):
         disk = wait_for_disk(rig.usb_port, 5)
         assert disk.port == "6-1.2" and disk.size == EMMC

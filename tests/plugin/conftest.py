@@ -10,18 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.rigfiles import virtual_rig_toml
+
 REPO = Path(__file__).resolve().parents[2]
 #: Host seconds; at speed-up 20 a module boots to login in about a second, but other tests may load the machine.
 TIMEOUTS = {"rom": 8, "second_stage": 3, "bootloader": 8, "kernel": 10, "login": 12, "command": 8, "mass_storage": 15}
-
-@pytest.fixture(scope="session")
-def virtual_usb() -> None:
-    """Skip unless the virtual rig's USB and eMMC work here: root, under umockdev-wrapper."""
-    if os.geteuid() != 0 or "libumockdev-preload" not in os.environ.get("LD_PRELOAD", ""):
-        pytest.skip("the virtual rig's USB and eMMC need root and umockdev: run pytest as root under umockdev-wrapper")
-    # Each pytester drops the modules imported while it exists, but GLib types and the process's one umockdev
-    # testbed cannot be made twice: the virtual USB bus is imported here, once, before any pytester.
-    import hil.virtual.usb.umockdev_bus  # noqa: F401
 
 
 @pytest.fixture
@@ -39,37 +32,6 @@ def suites() -> list[str]:
     return [str(REPO / "suites" / "test_rig_selfcheck.py"), str(REPO / "suites" / "test_flash_and_boot.py")]
 
 
-def rig_text(name: str, model: str, port: str, state: Path, *, extra: str = "",
-             timeouts: dict[str, float] | None = None) -> str:
-    nwp = "[relays.eeprom_nwp]\ngpio = 22\n" if model in ("cm4", "cm5") else ""
-    stage_timeouts = "".join(f"{k} = {v}\n" for k, v in {**TIMEOUTS, **(timeouts or {})}.items())
-    return f"""
-name = "{name}"
-model = "{model}"
-[emmc]
-size = "256MiB"
-[relays]
-off_time = 0.05
-[relays.power]
-gpio = 17
-[relays.nrpi_boot]
-gpio = 27
-{nwp}
-[usb]
-port = "{port}"
-[console]
-[timeouts]
-{stage_timeouts}
-[virtual]
-speedup = 20
-state_dir = "{state}"
-[virtual.emmc]
-write_mbps = 0
-read_mbps = 0
-{extra}
-"""
-
-
 @pytest.fixture
 def make_rig(tmp_path: Path) -> Callable[..., Path]:
     """make_rig(name, model="cm4", port="9-1.4", extra="", timeouts=None) -> the path of a new virtual rig file."""
@@ -77,7 +39,8 @@ def make_rig(tmp_path: Path) -> Callable[..., Path]:
     def make(name: str, model: str = "cm4", port: str = "9-1.4", extra: str = "",
              timeouts: dict[str, float] | None = None) -> Path:
         path = tmp_path / f"{name}.toml"
-        path.write_text(rig_text(name, model, port, tmp_path / "state" / name, extra=extra, timeouts=timeouts))
+        path.write_text(virtual_rig_toml(name, model, port, state_dir=tmp_path / "state" / name, emmc="256MiB",
+                                         timeouts={**TIMEOUTS, **(timeouts or {})}, extra=extra))
         return path
 
     return make

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from hil.hostenv import umockdev_active
 from hil.image.build import BuiltImage, ImageSpec, build_image
 from hil.lifecycle import Lifecycle
 from hil.rig import Rig, load_rig
 from hil.virtual.rig import VirtualRig
+from tests.rigfiles import virtual_rig_toml
 
 MiB = 1024**2
 PORTS = {"cm1": "1-1.2", "cm3": "1-1.3", "cm4": "1-1.4", "cm5": "1-1.5"}
@@ -22,41 +23,8 @@ TIMEOUTS = {"power": 5, "rom": 3, "bootloader": 2, "kernel": 3, "login": 4, "com
 @pytest.fixture
 def needs_usb() -> None:
     """Skip unless libusb and udev reach the virtual USB bus (pytest runs under umockdev-wrapper)."""
-    if "libumockdev-preload" not in os.environ.get("LD_PRELOAD", ""):
+    if not umockdev_active():
         pytest.skip("needs umockdev: run pytest under umockdev-wrapper")
-
-
-def rig_text(model: str, state_dir: Path, *, extra: str = "", name: str | None = None,
-             timeouts: dict[str, float] | None = None) -> str:
-    stage_timeouts = "".join(f"{k} = {v}\n" for k, v in {**TIMEOUTS, **(timeouts or {})}.items())
-    nwp = "[relays.eeprom_nwp]\ngpio = 22\n" if model in ("cm4", "cm5") else ""
-    return f"""
-name = "{name or 'rc-' + model}"
-model = "{model}"
-[emmc]
-size = "64MiB"
-[relays]
-off_time = 0.1
-[relays.power]
-gpio = 17
-[relays.nrpi_boot]
-gpio = 27
-{nwp}
-[usb]
-port = "{PORTS[model]}"
-[console]
-baud = 115200
-[timeouts]
-{stage_timeouts}
-[virtual]
-speedup = 20
-state_dir = "{state_dir}"
-[virtual.emmc]
-write_mbps = 0
-read_mbps = 0
-loop_device = false
-{extra}
-"""
 
 
 @pytest.fixture
@@ -65,8 +33,9 @@ def make_rig(tmp_path: Path) -> Callable[..., Rig]:
 
     def make(model: str, extra: str = "", name: str | None = None, timeouts: dict[str, float] | None = None) -> Rig:
         path = tmp_path / f"{name or model}.toml"
-        path.write_text(rig_text(model, tmp_path / f"state-{name or model}", extra=extra, name=name,
-                                 timeouts=timeouts))
+        path.write_text(virtual_rig_toml(name or f"rc-{model}", model, PORTS[model],
+                                         state_dir=tmp_path / f"state-{name or model}", off_time=0.1, baud=115200,
+                                         timeouts={**TIMEOUTS, **(timeouts or {})}, loop_device=False, extra=extra))
         return load_rig(path)
 
     return make

@@ -16,21 +16,7 @@ from hil.rig import load_rig
 from hil.virtual.console import VirtualConsole
 from hil.virtual.journal import Journal
 from hil.virtual.timing import DeviceClock
-
-RIG = """
-name = "con"
-model = "cm4"
-[emmc]
-size = "64MiB"
-[relays.power]
-gpio = 17
-[usb]
-port = "1-1.3"
-[console]
-baud = 115200
-[virtual]
-speedup = 100
-"""
+from tests.rigfiles import virtual_rig_toml
 
 
 @pytest.fixture
@@ -41,7 +27,9 @@ def console(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callabl
 
     def make(faults: str = "") -> VirtualConsole:
         path = tmp_path / "rig.toml"
-        path.write_text(RIG + ("[virtual.console]\n" + faults if faults else ""))
+        path.write_text(virtual_rig_toml("con", "cm4", "1-1.3", boot_gpio=None, nwp_gpio=None, off_time=None,
+                                         baud=115200, speedup=100, emmc_speed=None,
+                                         extra=("[virtual.console]\n" + faults) if faults else ""))
         rig = load_rig(path)
         made.append(VirtualConsole.for_rig(rig, DeviceClock(100), Journal()).open())
         return made[-1]

@@ -5,47 +5,21 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.hilrun import hil
+from tests.rigfiles import virtual_rig_toml
+
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("umockdev-wrapper") is None,
                                 reason="the virtual rig's eMMC needs root and umockdev (run ./setup.sh)")
-
-RIG = """
-name = "{name}"
-model = "{model}"
-[emmc]
-size = "256MiB"
-[relays]
-off_time = 0.05
-[relays.power]
-gpio = 5
-[relays.nrpi_boot]
-gpio = 6
-[usb]
-port = "3-1.2"
-[console]
-[virtual]
-speedup = 20
-[virtual.emmc]
-write_mbps = 0
-read_mbps = 0
-"""
-
-
-def hil(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run the hil command as a user does: a new process that puts itself under umockdev-wrapper."""
-    clean = {k: v for k, v in (env or os.environ).items() if k not in ("LD_PRELOAD", "UMOCKDEV_DIR")}
-    return subprocess.run([sys.executable, "-m", "hil.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=clean, check=False)
 
 
 def rig_file(tmp_path: Path, model: str) -> Path:
     path = tmp_path / f"virtual-{model}.toml"
-    path.write_text(RIG.format(name=f"cmd-{model}-{os.getpid()}", model=model))
+    path.write_text(virtual_rig_toml(f"cmd-{model}-{os.getpid()}", model, "3-1.2", emmc="256MiB", power_gpio=5,
+                                     boot_gpio=6, nwp_gpio=None))
     return path
 
 
