@@ -8,15 +8,17 @@ size (mass-storage devices may report "no medium" for a while).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyudev
 
+from hil import uevents
 from hil.errors import InfrastructureError, ProductError
-from hil.usbboot.events import monitor_source
 
 STAGE = "disk.discovery"
 _RESCAN = 0.5  # s: look again even without an event
@@ -92,12 +94,15 @@ def wait_for_disk(port: str, timeout: float, *, context: pyudev.Context | None =
                   clock: Callable[[], float] = time.monotonic) -> Disk:
     """The disk on ``port`` once its medium has a size. Disks on other ports are ignored."""
     context = context or pyudev.Context()
-    monitor = pyudev.Monitor.from_netlink(context, source=monitor_source())
-    monitor.filter_by("block")
-    monitor.start()
+    events: queue.SimpleQueue[None] = queue.SimpleQueue()
     deadline = clock() + timeout
     seen: list[Disk] = []
-    try:
+
+    def on_uevent(device: pyudev.Device) -> None:
+        if device.subsystem == "block":
+            events.put(None)
+
+    with uevents.hub().listening(on_uevent):
         while True:
             seen = disks_on_port(port, context)
             if len(seen) > 1:
@@ -110,11 +115,10 @@ def wait_for_disk(port: str, timeout: float, *, context: pyudev.Context | None =
             remaining = deadline - clock()
             if remaining <= 0:
                 break
-            while monitor.poll(timeout=min(remaining, _RESCAN)) is not None:
-                if monitor.poll(timeout=0) is None:  # drain a burst, then look again
-                    break
-    finally:
-        del monitor
+            with contextlib.suppress(queue.Empty):
+                events.get(timeout=min(remaining, _RESCAN))
+                while True:  # drain a burst, then look again
+                    events.get_nowait()
     if seen:
         raise ProductError(f"the disk {seen[0].node} on USB port {port} still has no medium (size 0) after "
                            f"{timeout:g} s: the module's eMMC did not come up", stage=STAGE, disk=seen[0].node)

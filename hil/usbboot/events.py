@@ -1,6 +1,6 @@
 """Waiting for a USB port to change, driven by uevents rather than sleeps.
 
-A pyudev monitor on the ``usb`` subsystem wakes the waiter whenever the device on *this* port is added or
+The process's uevent monitor (:mod:`hil.uevents`) wakes the waiter whenever the device on *this* port is added or
 removed; the caller's probe then looks at what libusb sees. libusb learns of a device through its own
 hotplug thread a few milliseconds after the uevent, so right after an event on our port the probe is
 repeated with a short, doubling back-off until libusb has caught up.
@@ -8,7 +8,7 @@ repeated with a short, doubling back-off until libusb has caught up.
 
 from __future__ import annotations
 
-import os
+import contextlib
 import queue
 import time
 from collections.abc import Callable
@@ -17,6 +17,7 @@ from typing import TypeVar
 
 import pyudev
 
+from hil import uevents
 from hil.usbboot.selection import PortPath
 
 T = TypeVar("T")
@@ -25,34 +26,22 @@ _CATCH_UP_FIRST = 0.002  # s: first re-probe after an event on our port
 _CATCH_UP_LAST = 0.5  # s: give up re-probing without a further event beyond this back-off
 
 
-def monitor_source() -> str:
-    """``udev`` when udevd runs (devices are ready when it announces them), else the kernel's own events."""
-    return "udev" if os.path.exists("/run/udev/control") else "kernel"
-
-
 class PortEvents:
     """Uevents of one port, from the moment the context is entered; ``on_event(action)`` sees each one.
 
-    A pyudev observer thread drains the socket all the time: an unread uevent socket fills up while the
-    host is busy transferring (other ports keep changing), and a full one loses events (or, under
-    umockdev, aborts the process)."""
+    They come from the process's one uevent monitor (:mod:`hil.uevents`), which is drained all the time."""
 
     def __init__(self, port: PortPath, *, on_event: Callable[[str], None] = lambda action: None,
-                 context: pyudev.Context | None = None, clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic):
         self.port = str(port)
         self._on_event = on_event
-        self._context = context or pyudev.Context()
         self._clock = clock
         self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self._observer: pyudev.MonitorObserver | None = None
+        self._listening: contextlib.ExitStack | None = None
 
     def __enter__(self) -> PortEvents:
-        monitor = pyudev.Monitor.from_netlink(self._context, source=monitor_source())
-        monitor.filter_by("usb", device_type="usb_device")
-        self._observer = pyudev.MonitorObserver(monitor, callback=self._seen,
-                                                name=f"usbboot-events-{self.port}")
-        self._observer.daemon = True
-        self._observer.start()
+        self._listening = contextlib.ExitStack()
+        self._listening.enter_context(uevents.hub().listening(self._seen))
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -60,20 +49,19 @@ class PortEvents:
         self.close()
 
     def close(self) -> None:
-        """Stop the observer; dropping the last reference to the monitor closes its socket."""
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer = None
+        if self._listening is not None:
+            self._listening.close()
+            self._listening = None
 
     def _seen(self, device: pyudev.Device) -> None:
-        if device.sys_name == self.port:
+        if device.subsystem == "usb" and device.device_type == "usb_device" and device.sys_name == self.port:
             action = device.action or ""
             self._on_event(action)
             self._queue.put(action)
 
     def wait(self, probe: Callable[[], T | None], deadline: float) -> T | None:
         """The probe's first answer that is not None, or None at ``deadline`` (a ``clock`` time)."""
-        assert self._observer is not None, "use PortEvents as a context manager"
+        assert self._listening is not None, "use PortEvents as a context manager"
         catch_up: float | None = None
         while True:
             answer = probe()
