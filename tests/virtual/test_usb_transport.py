@@ -88,12 +88,9 @@ class Echo:
 
 
 @pytest.fixture(scope="module")
-def bus() -> Iterator[UsbBus]:
-    bus = UsbBus.get()
-    yield bus
-    root = bus.root_dir
-    bus.close()  # other test modules in this process must see the real /sys again
-    assert not os.path.exists(root)
+def bus() -> UsbBus:
+    """The process's bus: it lives as long as the process (libusb here is bound to its testbed)."""
+    return UsbBus.get()
 
 
 @pytest.fixture
@@ -448,3 +445,30 @@ def test_block_device_target_shows_as_a_block_device_with_its_ioctls(bus: UsbBus
     finally:
         subprocess.run(["losetup", "-d", loop], env=tool_env, check=False)
     assert got == {"block": True, "size": 4 * 1024 * 1024, "head": "LOOPDATA", "usb": "1-1.4"}
+
+
+CLOSE = """
+    import json, os
+    from hil.errors import InfrastructureError
+    from hil.virtual.usb.umockdev_bus import UsbBus
+    bus = UsbBus.get()
+    root = bus.root_dir
+    bus.close()
+    try:
+        UsbBus.get()
+        again = None
+    except InfrastructureError as e:
+        again = str(e)
+    print(json.dumps({"root_left": os.path.exists(root), "again": again}))
+"""
+
+
+def test_closing_the_bus_removes_its_testbed_and_no_second_one_follows() -> None:
+    """libusb and the uevent monitor of a process stay bound to its first testbed: a second one would be a bus
+    nobody sees, so asking for one is an error that says to start a new process."""
+    done = subprocess.run([sys.executable, "-c", script((CLOSE,))], capture_output=True, text=True, timeout=60,
+                          check=False)  # a process of its own, with a testbed of its own
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["root_left"] is False
+    assert "was closed" in result["again"] and "new process" in result["again"]

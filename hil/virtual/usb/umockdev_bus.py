@@ -645,12 +645,20 @@ class UsbBus:
 
     _instance: ClassVar[UsbBus | None] = None
     _instance_lock: ClassVar[threading.Lock] = threading.Lock()
+    _closed: ClassVar[bool] = False
 
     @classmethod
     def get(cls) -> UsbBus:
-        """The process-wide bus, created on first use (umockdev allows one testbed per process)."""
+        """The process-wide bus, created on first use and kept until the process ends.
+
+        There is no second one: libusb watches the first testbed's uevents and keeps its device list from
+        them, as does the process's uevent monitor (:mod:`hil.uevents`), so they would never see a new one."""
         with cls._instance_lock:
             if cls._instance is None:
+                if cls._closed:
+                    raise InfrastructureError(
+                        "this process's virtual USB bus was closed, and libusb and the uevent monitor here stay "
+                        "bound to it. Fix: use the virtual rig from a new process", stage=STAGE)
                 cls._instance = cls()
                 atexit.register(cls._instance.close)
             return cls._instance
@@ -717,7 +725,7 @@ class UsbBus:
             return port
 
     def close(self) -> None:
-        """Remove every device and the testbed with its temporary folder."""
+        """Remove every device and the testbed with its temporary folder (at process exit)."""
         with self._lock:
             if self._testbed is None:
                 return
@@ -741,6 +749,7 @@ class UsbBus:
         with UsbBus._instance_lock:
             if UsbBus._instance is self:
                 UsbBus._instance = None
+                UsbBus._closed = True
 
     # -- internals (bus lock held) -------------------------------------------------------------------------
 
