@@ -131,9 +131,7 @@ class VirtualConsole:
 
     def unplug(self) -> None:
         """The USB-serial adapter is pulled: the device node goes away under any reader."""
-        if self._shut():
-            self.unplugged = True
-            self._journal.record("fault", "console unplugged", path=str(self.path))
+        self._shut(unplugging=True)
 
     def __enter__(self) -> VirtualConsole:
         return self.open()
@@ -154,10 +152,13 @@ class VirtualConsole:
         temp.symlink_to(self.pts)
         os.replace(temp, self.path)  # atomic, and replaces a link a crashed run left behind
 
-    def _shut(self) -> bool:
+    def _shut(self, *, unplugging: bool = False) -> None:
         with self._close_lock:
             if self._master < 0:
-                return False
+                return
+            if unplugging:  # said before the node goes: a reader that sees it vanish may look at once
+                self.unplugged = True
+                self._journal.record("fault", "console unplugged", path=str(self.path))
             self._stop.set()
             with self._cond:
                 self._cond.notify_all()
@@ -170,7 +171,6 @@ class VirtualConsole:
                     self.path.unlink()
             self._release_fds()
             self._journal.record("console", "removed", path=str(self.path))
-            return True
 
     def _release_fds(self) -> None:
         for fd in (self._master, self._wake_r, self._wake_w):

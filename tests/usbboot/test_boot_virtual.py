@@ -235,8 +235,10 @@ def test_first_control_failure_is_a_typed_infrastructure_error(module: Callable[
 
 def test_slow_first_request_is_read_again(module: Callable[..., Module], payloads: Path) -> None:
     """A busy second stage does not complete the request read; a timed-out read is simply repeated."""
-    _, journal = module("cm4", "7-3.6", request_delay=25.0)  # 0.5 s at this speed-up
-    result = boot("7-3.6", payloads / "mass-storage-gadget64", "cm4", read_timeout=0.2)
+    # 2 s at this speed-up against 0.25 s reads: the first read times out even when a loaded host reaches it
+    # 1.5 s after the second stage started its delay.
+    _, journal = module("cm4", "7-3.6", request_delay=100.0)
+    result = boot("7-3.6", payloads / "mass-storage-gadget64", "cm4", read_timeout=0.25)
     reads = [t.result for t in of_stage(result, "file_server") if t.kind == "control_in"]
     assert reads[0] == "timeout" and reads[-1] == "ok"
     assert result.final_identity is not None
