@@ -3,7 +3,8 @@
 The process's uevent monitor (:mod:`hil.uevents`) wakes the waiter whenever the device on *this* port is added or
 removed; the caller's probe then looks at what libusb sees. libusb learns of a device through its own
 hotplug thread a few milliseconds after the uevent, so right after an event on our port the probe is
-repeated with a short, doubling back-off until libusb has caught up.
+repeated with a short, doubling back-off until libusb has caught up; and at least every half second
+whatever happens, so a late libusb or a lost event costs that much, not the stage's timeout.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from hil.usbboot.selection import PortPath
 T = TypeVar("T")
 
 _CATCH_UP_FIRST = 0.002  # s: first re-probe after an event on our port
-_CATCH_UP_LAST = 0.5  # s: give up re-probing without a further event beyond this back-off
+_RESCAN = 0.5  # s: look again even without an event (libusb may lag its uevent; an event may be lost)
 
 
 class PortEvents:
@@ -62,7 +63,7 @@ class PortEvents:
     def wait(self, probe: Callable[[], T | None], deadline: float) -> T | None:
         """The probe's first answer that is not None, or None at ``deadline`` (a ``clock`` time)."""
         assert self._listening is not None, "use PortEvents as a context manager"
-        catch_up: float | None = None
+        catch_up = _RESCAN
         while True:
             answer = probe()
             if answer is not None:
@@ -71,8 +72,8 @@ class PortEvents:
             if remaining <= 0:
                 return None
             try:
-                self._queue.get(timeout=remaining if catch_up is None else min(remaining, catch_up))
+                self._queue.get(timeout=min(remaining, catch_up))
             except queue.Empty:  # libusb may still be catching up with the last event: look again, back off
-                catch_up = catch_up * 2 if catch_up is not None and catch_up < _CATCH_UP_LAST else None
+                catch_up = min(catch_up * 2, _RESCAN)
             else:
                 catch_up = _CATCH_UP_FIRST
