@@ -11,8 +11,8 @@ const { chromium } = require("playwright-core");
 
 const [url, specJson] = process.argv.slice(2);
 const spec = JSON.parse(specJson);
-const WAIT_MS = 10_000;
-const DEADLINE_MS = 45_000; // under the pytest side's 60 s, so that chromium is always closed by us
+const WAIT_MS = 20_000;
+const DEADLINE_MS = 100_000; // under the pytest side's 120 s, so that chromium is always closed by us
 const LOOPBACK = new Set(["localhost", "127.0.0.1", "[::1]"]);
 
 const browser = await chromium.launch({
