@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 Listener = Callable[[pyudev.Device], None]
 
 SUBSYSTEMS = ("usb", "block")  # what the framework waits for: boot stages on a port, the module's disk
+RESCAN = 0.5  # s: a waiter looks again this often even without an event (one may lag what it announces, or be lost)
 
 
 def monitor_source() -> str:

@@ -21,7 +21,6 @@ from hil import uevents
 from hil.errors import InfrastructureError, ProductError
 
 STAGE = "disk.discovery"
-_RESCAN = 0.5  # s: look again even without an event
 
 
 @dataclass(frozen=True)
@@ -116,7 +115,7 @@ def wait_for_disk(port: str, timeout: float, *, context: pyudev.Context | None =
             if remaining <= 0:
                 break
             with contextlib.suppress(queue.Empty):
-                events.get(timeout=min(remaining, _RESCAN))
+                events.get(timeout=min(remaining, uevents.RESCAN))
                 while True:  # drain a burst, then look again
                     events.get_nowait()
     if seen:

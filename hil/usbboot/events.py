@@ -24,7 +24,6 @@ from hil.usbboot.selection import PortPath
 T = TypeVar("T")
 
 _CATCH_UP_FIRST = 0.002  # s: first re-probe after an event on our port
-_RESCAN = 0.5  # s: look again even without an event (libusb may lag its uevent; an event may be lost)
 
 
 class PortEvents:
@@ -63,7 +62,7 @@ class PortEvents:
     def wait(self, probe: Callable[[], T | None], deadline: float) -> T | None:
         """The probe's first answer that is not None, or None at ``deadline`` (a ``clock`` time)."""
         assert self._listening is not None, "use PortEvents as a context manager"
-        catch_up = _RESCAN
+        catch_up = uevents.RESCAN
         while True:
             answer = probe()
             if answer is not None:
@@ -74,6 +73,6 @@ class PortEvents:
             try:
                 self._queue.get(timeout=min(remaining, catch_up))
             except queue.Empty:  # libusb may still be catching up with the last event: look again, back off
-                catch_up = min(catch_up * 2, _RESCAN)
+                catch_up = min(catch_up * 2, uevents.RESCAN)
             else:
                 catch_up = _CATCH_UP_FIRST

@@ -4,16 +4,14 @@ status the nightly job derives from the results."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from hil.errors import ExitCode
-from hil.hostenv import outside_umockdev
 from hil.nightly import read_outcome
+from tests.hilrun import hil
 
 
 def test_two_rigs_run_in_parallel_one_worker_each(pytester: pytest.Pytester, make_rig: Callable[..., Path],
@@ -38,12 +36,9 @@ def test_two_rigs_run_in_parallel_one_worker_each(pytester: pytest.Pytester, mak
 
 def test_hil_nightly_runs_the_suites_and_renders_the_report(make_rig: Callable[..., Path], wrapper: str,
                                                            tmp_path: Path) -> None:
-    env = outside_umockdev()
     report = tmp_path / "night"
-    done = subprocess.run([sys.executable, "-m", "hil.cli", "nightly", "--rig", str(make_rig("plug-night")),
-                           "--report-dir", str(report), "--single-file", "--", "-k",
-                           "test_rig_selfcheck or test_flash_and_boot"], capture_output=True, text=True, env=env,
-                          timeout=240, check=False)
+    done = hil("nightly", "--rig", str(make_rig("plug-night")), "--report-dir", str(report), "--single-file", "--",
+               "-k", "test_rig_selfcheck or test_flash_and_boot", timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "tests: 9 passed" in done.stdout
     assert f"report: {report / 'html' / 'index.html'} (opens from disk)" in done.stdout
@@ -55,8 +50,7 @@ def test_hil_nightly_runs_the_suites_and_renders_the_report(make_rig: Callable[.
 def test_hil_nightly_refuses_a_broken_rig_file(tmp_path: Path) -> None:
     rig = tmp_path / "bad.toml"
     rig.write_text('model = "cm4"\n')
-    done = subprocess.run([sys.executable, "-m", "hil.cli", "nightly", "--rig", str(rig), "--report-dir",
-                           str(tmp_path / "r")], capture_output=True, text=True, timeout=60, check=False)
+    done = hil("nightly", "--rig", str(rig), "--report-dir", str(tmp_path / "r"), timeout=60)
     assert done.returncode == ExitCode.INPUT
     assert "bad.toml: emmc: is missing" in done.stderr
 

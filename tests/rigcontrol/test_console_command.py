@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import select
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 from hil.rig import Rig
+from tests.hilrun import hil_command
 
 
 def read_until(proc: subprocess.Popen[bytes], marker: bytes, seen: bytearray, timeout: float = 10.0) -> None:
@@ -31,8 +31,8 @@ def test_interactive_console_logs_in_and_quits_on_ctrl_bracket(make_rig: Callabl
     assert rig.virtual is not None
     rig.virtual.state_dir.mkdir(parents=True, exist_ok=True)
     (rig.virtual.state_dir / "emmc.img").write_bytes(bench("cm4").image("typed-1").path.read_bytes())
-    proc = subprocess.Popen([sys.executable, "-m", "hil.cli", "console", "--rig", str(rig.path), "--power-on"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    argv, env = hil_command("console", "--rig", str(rig.path), "--power-on")
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdin is not None
     seen = bytearray()
     try:
