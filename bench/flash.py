@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from hil.control.relays import RelayBank
 from hil.disk.discovery import wait_for_disk
 from hil.disk.guard import GuardedDisk, guard_disk
 from hil.flash.cache import ImageCache
@@ -36,7 +37,6 @@ from hil.flash.writer import write_image
 from hil.image import compress as packing
 from hil.image.build import ImageSpec, build_image
 from hil.image.tools import tool_env
-from hil.relays import RelayBank
 from hil.rig import load_rig
 from hil.usbboot.host import UsbBoot
 from hil.virtual.rig import VirtualRig

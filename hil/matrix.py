@@ -23,9 +23,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from hil.control.hostctl import QUIRK_PHRASE, HostController, SpeedRecorder, identify, quirk_signature
+from hil.control.lifecycle import Lifecycle
 from hil.errors import HilError, InputError
-from hil.hostctl import QUIRK_PHRASE, HostController, SpeedRecorder, identify, quirk_signature
-from hil.lifecycle import Lifecycle
 from hil.usbboot.host import DEFAULT_SETTLE, UsbBootResult
 from hil.usbboot.trace import Listener
 

@@ -2,7 +2,7 @@
 
 The BCM2835 (CM1) boot ROM "returns a slightly incorrect USB packet"; some host controllers and drivers refuse
 it (usbboot-protocol.md section 6). When every failure carries that signature, the test fails with the phrase
-:data:`~hil.hostctl.QUIRK_PHRASE`, which the report files under "Known CM1 host-controller incompatibility",
+:data:`~hil.control.hostctl.QUIRK_PHRASE`, which the report files under "Known CM1 host-controller incompatibility",
 apart from rig and module failures; the controller identity and the transfer traces are attached. On CM3 and
 later the same test passes on the same ports: the bug was fixed in the BCM2837.
 
@@ -16,12 +16,12 @@ import os
 from pathlib import Path
 
 import pytest
+from hil.fixtures.evidence import attach_text
+from hil.fixtures.station import RigStation
 
-from fixtures.evidence import attach_text
-from fixtures.station import RigStation
+from hil.control.hostctl import QUIRK_PHRASE
+from hil.control.lifecycle import Lifecycle
 from hil.errors import HilError
-from hil.hostctl import QUIRK_PHRASE
-from hil.lifecycle import Lifecycle
 from hil.matrix import Attempt, MatrixStore, run_matrix
 from hil.rig import Rig
 from suites.usbboots import ReportedBoots, reports_dir, rig_cabling

@@ -19,10 +19,10 @@ from typing import Any
 import allure
 import pytest
 
+from hil.control.lifecycle import Lifecycle
 from hil.eeprom.build import build_update
 from hil.eeprom.flash import EepromUpdate, flash_eeprom, read_banner
 from hil.errors import InfrastructureError, InputError, ProductError
-from hil.lifecycle import Lifecycle
 from hil.rig import Rig
 from hil.usbboot.fileserver import Payload
 from hil.usbboot.host import DEFAULT_SETTLE

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import allure
 import pytest
+from hil.fixtures.images import FlashImage
+from hil.fixtures.station import FlashRecord, RigStation
 
-from fixtures.images import FlashImage
-from fixtures.station import FlashRecord, RigStation
-from hil.bootconfirm import BootRecord, boot_markers
+from hil.control.bootconfirm import BootRecord, boot_markers
 from hil.rig import Rig
 
 pytestmark = pytest.mark.needs("nrpi_boot")  # flashing goes through USB boot into mass storage

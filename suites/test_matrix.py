@@ -13,10 +13,10 @@ from pathlib import Path
 
 import allure
 import pytest
+from hil.fixtures.evidence import attach_text
+from hil.fixtures.station import RigStation
 
-from fixtures.evidence import attach_text
-from fixtures.station import RigStation
-from hil.lifecycle import Lifecycle
+from hil.control.lifecycle import Lifecycle
 from hil.matrix import MatrixStore, format_table, plot, run_matrix
 from hil.rig import Rig
 from suites.usbboots import ReportedBoots, reports_dir, rig_cabling

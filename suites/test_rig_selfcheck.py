@@ -9,10 +9,10 @@ from __future__ import annotations
 import allure
 import pytest
 
-from hil.bootmode import BootMode
-from hil.console import Console
+from hil.control.bootmode import BootMode
+from hil.control.console import Console
+from hil.control.lifecycle import Lifecycle
 from hil.errors import Fault
-from hil.lifecycle import Lifecycle
 from hil.rig import Rig
 
 pytestmark = pytest.mark.selfcheck

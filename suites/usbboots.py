@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import allure
+from hil.fixtures.evidence import StageSteps, attach_json, attach_text
 
-from fixtures.evidence import StageSteps, attach_json, attach_text
 from hil.matrix import Attempt, Cable
 from hil.rig import Rig
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hil.console import Console
+from hil.control.console import Console
 from hil.errors import Fault, InfrastructureError, ProductError, StageTimeout
 
 

@@ -6,8 +6,8 @@ import pytest
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
+from hil.control.relays import RelayBank, pin_factory
 from hil.errors import InfrastructureError
-from hil.relays import RelayBank, pin_factory
 from hil.rig import RelayLine, Relays
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from hil.control.relays import RelayBank
 from hil.disk.discovery import wait_for_disk
 from hil.disk.guard import check_still_same, guard_disk
 from hil.errors import InputError
@@ -22,7 +23,6 @@ from hil.flash.ranges import sparse_ranges, total
 from hil.flash.sources import Image, open_image
 from hil.flash.verify import verify_written
 from hil.flash.writer import WriteResult, write_image
-from hil.relays import RelayBank
 from hil.rig import Rig, load_rig
 from hil.units import human_size
 from hil.usbboot.host import UsbBoot

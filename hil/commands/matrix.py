@@ -13,8 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from hil.control.lifecycle import Lifecycle
 from hil.errors import InputError
-from hil.lifecycle import Lifecycle
 from hil.matrix import Attempt, Cable, MatrixStore, format_table, plot, run_matrix
 from hil.rig import Rig, load_rig
 

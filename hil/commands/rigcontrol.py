@@ -19,8 +19,8 @@ import threading
 import tty
 from collections.abc import Iterator
 
-from hil.console import Console
-from hil.lifecycle import Lifecycle, RigLock
+from hil.control.console import Console
+from hil.control.lifecycle import Lifecycle, RigLock
 from hil.rig import Rig, load_rig
 
 QUIT = b"\x1d"  # Ctrl-]

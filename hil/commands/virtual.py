@@ -20,7 +20,7 @@ from hil.hostenv import umockdev_active
 from hil.rig import Rig, load_rig, runtime_dir
 
 if TYPE_CHECKING:
-    from hil.lifecycle import Lifecycle
+    from hil.control.lifecycle import Lifecycle
     from hil.virtual.module import State
     from hil.virtual.rig import VirtualRig
 

@@ -30,12 +30,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hil.bootmode import find_rom
+from hil.control.bootmode import find_rom
+from hil.control.lifecycle import Lifecycle
 from hil.eeprom.bootconf import BootConf, parse_bootconf
 from hil.eeprom.pieeprom import ImageFacts, check_size, image_facts, read_config
 from hil.eeprom.sig import Sig, check_sig, read_sig
 from hil.errors import HilError, InfrastructureError, InputError, ProductError, StageTimeout
-from hil.lifecycle import Lifecycle
 from hil.models import ModuleModel
 from hil.rig import Rig
 from hil.usbboot.fileserver import Payload

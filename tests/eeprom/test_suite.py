@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-PLUGIN = ("-p", "fixtures.plugin", "-p", "no:cacheprovider")
+PLUGIN = ("-p", "hil.fixtures.plugin", "-p", "no:cacheprovider")
 
 
 @pytest.mark.usefixtures("virtual_usb")

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from hil.cli import main as hil_main
+from hil.control.relays import RelayBank
 from hil.disk.discovery import Disk, disks_on_port, wait_for_disk
 from hil.disk.guard import GuardedDisk, GuardRefusal, check_still_same, guard_disk
 from hil.errors import InputError, ProductError
@@ -40,7 +41,6 @@ from hil.image.build import BuiltImage, ImageSpec, build_image
 from hil.image.mbr import DiskLayout, Partition
 from hil.image.tools import tool_env
 from hil.models import MODELS
-from hil.relays import RelayBank
 from hil.rig import Rig, load_rig
 from tests.rigfiles import virtual_rig_toml
 

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from hil.cli import main as hil_main
+from hil.control.hostctl import QUIRK_PHRASE, SpeedRecorder, identify, port_speed, quirk_signature
 from hil.errors import InfrastructureError
-from hil.hostctl import QUIRK_PHRASE, SpeedRecorder, identify, port_speed, quirk_signature
 from hil.models import MODELS
 from hil.usbboot.host import UsbBoot
 from hil.virtual.journal import Journal

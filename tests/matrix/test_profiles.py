@@ -7,8 +7,8 @@ import errno
 
 import pytest
 
+from hil.control.hostctl import quirk_signature
 from hil.errors import InfrastructureError, InputError, ProductError
-from hil.hostctl import quirk_signature
 from hil.models import MODELS
 from hil.virtual.usb.descriptors import rom_descriptors, stage2_descriptors
 from hil.virtual.usb.hostprofiles import PROFILES, controller_spec

@@ -18,7 +18,7 @@ import hil.virtual.usb.umockdev_bus  # noqa: E402, F401 (the one testbed, made b
 
 pytestmark = pytest.mark.timeout(90)
 REPO = Path(__file__).resolve().parents[2]
-PLUGIN = ("-p", "fixtures.plugin", "-p", "no:cacheprovider")
+PLUGIN = ("-p", "hil.fixtures.plugin", "-p", "no:cacheprovider")
 
 
 def category(message: str) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-PLUGIN = ("-p", "fixtures.plugin", "-p", "no:cacheprovider")
+PLUGIN = ("-p", "hil.fixtures.plugin", "-p", "no:cacheprovider")
 
 SHOW = """
 import pytest

@@ -17,7 +17,7 @@ from tests.hilrun import hil
 def test_two_rigs_run_in_parallel_one_worker_each(pytester: pytest.Pytester, make_rig: Callable[..., Path],
                                                   suites: list[str], virtual_usb: None, tmp_path: Path) -> None:
     results = tmp_path / "allure-results"
-    run = pytester.runpytest_subprocess("-p", "fixtures.plugin", "-p", "no:cacheprovider", *suites,
+    run = pytester.runpytest_subprocess("-p", "hil.fixtures.plugin", "-p", "no:cacheprovider", *suites,
                                         "--rig", str(make_rig("plug-x4", "cm4", "9-1.4")),
                                         "--rig", str(make_rig("plug-x1", "cm1", "9-1.2")),
                                         "-n", "2", "--alluredir", str(results), timeout=240)
@@ -63,11 +63,11 @@ def _result(folder: Path, name: str, status: str, message: str = "", rig: str = 
 
 @pytest.mark.parametrize(("failures", "code"), [
     ([], ExitCode.OK),
-    ([("broken", "fixtures.faults.InputFailure: [input] [usbboot.payload] no payload")], ExitCode.INPUT),
-    ([("broken", "fixtures.faults.RigFailure: [infrastructure] [usbboot.rom] no ROM"),
-      ("broken", "fixtures.faults.InputFailure: [input] [rig-file] bad")], ExitCode.INFRASTRUCTURE),
-    ([("broken", "fixtures.faults.RigFailure: [infrastructure] [usbboot.rom] no ROM"),
-      ("failed", "fixtures.faults.ModuleFailure: [product] [boot.build-id] other build")], ExitCode.PRODUCT),
+    ([("broken", "hil.fixtures.faults.InputFailure: [input] [usbboot.payload] no payload")], ExitCode.INPUT),
+    ([("broken", "hil.fixtures.faults.RigFailure: [infrastructure] [usbboot.rom] no ROM"),
+      ("broken", "hil.fixtures.faults.InputFailure: [input] [rig-file] bad")], ExitCode.INFRASTRUCTURE),
+    ([("broken", "hil.fixtures.faults.RigFailure: [infrastructure] [usbboot.rom] no ROM"),
+      ("failed", "hil.fixtures.faults.ModuleFailure: [product] [boot.build-id] other build")], ExitCode.PRODUCT),
     ([("failed", "AssertionError: assert 1 == 2")], ExitCode.PRODUCT),  # a test's own assertion: the module
     ([("broken", "KeyError: 'x'")], ExitCode.INFRASTRUCTURE),  # a crash in the test code: not the module's fault
 ])

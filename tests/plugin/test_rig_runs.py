@@ -13,7 +13,7 @@ import pytest
 from hil.report import render_report
 
 pytestmark = pytest.mark.usefixtures("virtual_usb")
-PLUGIN = ("-p", "fixtures.plugin", "-p", "no:cacheprovider")
+PLUGIN = ("-p", "hil.fixtures.plugin", "-p", "no:cacheprovider")
 
 
 def results_of(folder: Path) -> dict[str, dict[str, Any]]:
@@ -116,11 +116,11 @@ def test_failures_carry_their_fault_and_a_broken_rig_is_taken_out(failing_run: t
 
     wrong = by_name["test_boots_another_build[plug-good]"]
     assert wrong["status"] == "failed"
-    assert wrong["statusDetails"]["message"].startswith("fixtures.faults.ModuleFailure: [product] [boot.build-id]")
+    assert wrong["statusDetails"]["message"].startswith("hil.fixtures.faults.ModuleFailure: [product] [boot.build-id]")
 
     first = by_name["test_boots_another_build[plug-usb]"]  # the flash failed for the rig's sake: retried once
     assert first["status"] == "broken"
-    assert first["statusDetails"]["message"].startswith("fixtures.faults.RigFailure: [infrastructure] [usbboot.")
+    assert first["statusDetails"]["message"].startswith("hil.fixtures.faults.RigFailure: [infrastructure] [usbboot.")
     steps, attachments = names(first)
     assert "usbboot" in steps and "usbboot (attempt 2 of 2)" in steps
     assert "usbboot error" in attachments and "usbboot error (attempt 2)" in attachments
@@ -130,7 +130,7 @@ def test_failures_carry_their_fault_and_a_broken_rig_is_taken_out(failing_run: t
     assert names(again)[0].count("usbboot") == 0
 
     garbled = by_name["test_console_alive[plug-garbled]"]
-    assert garbled["statusDetails"]["message"].startswith("fixtures.faults.RigFailure: [infrastructure]")
+    assert garbled["statusDetails"]["message"].startswith("hil.fixtures.faults.RigFailure: [infrastructure]")
     for test in ("test_boots_another_build", "test_flashed"):
         skipped = by_name[f"{test}[plug-garbled]"]
         assert skipped["status"] == "skipped"

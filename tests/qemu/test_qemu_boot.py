@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from hil.control.lifecycle import Lifecycle
 from hil.disk.discovery import wait_for_disk
 from hil.disk.guard import guard_disk
 from hil.errors import InfrastructureError, ProductError
@@ -21,7 +22,6 @@ from hil.flash.writer import write_image
 from hil.image import fat
 from hil.image.bootable import GuestKit, build_bootable, guest_kit
 from hil.image.build import BuiltImage, ImageSpec
-from hil.lifecycle import Lifecycle
 from hil.rig import Rig, load_rig
 from hil.usbboot.host import DEFAULT_SETTLE
 from hil.virtual.journal import Journal

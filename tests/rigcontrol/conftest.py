@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from hil.control.lifecycle import Lifecycle
 from hil.hostenv import umockdev_active
 from hil.image.build import BuiltImage, ImageSpec, build_image
-from hil.lifecycle import Lifecycle
 from hil.rig import Rig, load_rig
 from hil.virtual.rig import VirtualRig
 from tests.rigfiles import virtual_rig_toml

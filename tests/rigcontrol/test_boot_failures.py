@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from hil.control.lifecycle import ModuleState
 from hil.errors import HilError, InfrastructureError, ProductError
-from hil.lifecycle import ModuleState
 
 #: Generous slack over a stage timeout: host scheduling on a busy 2-core machine, never a speed check.
 SLACK = 2.0

@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 
 from hil.cli import main
+from hil.control.lifecycle import Lifecycle, ModuleState, StateFile
+from hil.control.power import UhubctlPower
 from hil.errors import InfrastructureError
-from hil.lifecycle import Lifecycle, ModuleState, StateFile
-from hil.power import UhubctlPower
 from hil.rig import Rig, load_rig
 
 CHILD = """
 import sys, time
-from hil.lifecycle import Lifecycle
+from hil.control.lifecycle import Lifecycle
 from hil.rig import load_rig
 with Lifecycle(load_rig(sys.argv[1], check_devices=False)) as lc:
     lc.power_on()

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from hil.control.lifecycle import ModuleState
 from hil.errors import InfrastructureError
-from hil.lifecycle import ModuleState
 from hil.virtual.module import State
 from hil.virtual.usb.payloads import make_payload
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from hil.console import Console
+from hil.control.console import Console
 from hil.errors import Fault, HilError, InfrastructureError, ProductError, StageTimeout
 from hil.rig import Rig
 

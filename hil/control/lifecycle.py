@@ -29,11 +29,11 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from hil.bootconfirm import BootRecord, confirm_boot
-from hil.bootmode import BootMode, find_rom, wait_for_rom
-from hil.console import CommandResult, Console
+from hil.control.bootconfirm import BootRecord, confirm_boot
+from hil.control.bootmode import BootMode, find_rom, wait_for_rom
+from hil.control.console import CommandResult, Console
+from hil.control.power import PowerSwitch, power_switch
 from hil.errors import HilError, InfrastructureError, InputError
-from hil.power import PowerSwitch, power_switch
 from hil.rig import Rig, runtime_dir
 from hil.usbboot.selection import Identity
 

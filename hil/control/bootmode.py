@@ -15,9 +15,9 @@ from typing import Any
 
 import usb.backend.libusb1
 
+from hil.control.power import PowerSwitch
+from hil.control.relays import Relay
 from hil.errors import InfrastructureError, InputError
-from hil.power import PowerSwitch
-from hil.relays import Relay
 from hil.rig import Rig
 from hil.usbboot.events import PortEvents
 from hil.usbboot.selection import Identity, PortPath, Stage, find_on_port, identity, model_for_rom

@@ -4,7 +4,7 @@ Every backend enforces the rig's off-time (a module switched back on too soon ha
 may not reset at all) and reads back the state it set where it can, so a relay that did not click or a
 hub that ignored the request fails at once instead of as a confusing boot failure later.
 
-One lock (:attr:`PowerSwitch.lock`) guards the supply; :mod:`hil.bootmode` takes the same lock, so a
+One lock (:attr:`PowerSwitch.lock`) guards the supply; :mod:`hil.control.bootmode` takes the same lock, so a
 boot-mode line can never change between "checked" and "powered on".
 """
 
@@ -18,8 +18,8 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
+from hil.control.relays import Relay
 from hil.errors import InfrastructureError, InputError
-from hil.relays import Relay
 from hil.rig import Rig
 
 STAGE = "power"
