@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 
 from hil.errors import HilError
 
@@ -16,12 +17,18 @@ COMMAND_MODULES = ("rig", "image", "usbboot", "virtual", "rigcontrol", "flash", 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hil",
                                      description="Hardware-in-the-loop tests for Raspberry Pi Compute Modules.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"hil.commands.{name}").register(sub)
     return parser
 
 
+def _version() -> str:
+    try:
+        return version("cm-hil")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
