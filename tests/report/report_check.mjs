@@ -12,6 +12,7 @@ const { chromium } = require("playwright-core");
 const [url, specJson] = process.argv.slice(2);
 const spec = JSON.parse(specJson);
 const WAIT_MS = 20_000;
+const FIRST_LOAD_MS = 60_000; // a browser's first start on a fresh machine builds its caches (fonts, profile)
 const DEADLINE_MS = 100_000; // under the pytest side's 120 s, so that chromium is always closed by us
 const LOOPBACK = new Set(["localhost", "127.0.0.1", "[::1]"]);
 
@@ -41,7 +42,14 @@ try {
     return route.continue();
   });
   page.on("pageerror", (error) => seen.errors.push(String(error)));
-  const text = async () => page.locator("body").innerText();
+  const text = async () => {
+    try {
+      return await page.locator("body").innerText();
+    } catch (error) {
+      seen.errors.push(`page text: ${error.message.split("\n")[0]}`);
+      return "";
+    }
+  };
   // Each stop waits for what a person would look for, and records the page either way.
   const stop = async (name, action, expected) => {
     try {
@@ -53,7 +61,7 @@ try {
     seen.stops[name] = await text();
   };
 
-  await stop("home", () => page.goto(url), spec.test);
+  await stop("home", () => page.goto(url, { timeout: FIRST_LOAD_MS }), spec.test);
   await stop("test", () => page.getByText(spec.test, { exact: true }).first().click(), spec.step);
   await stop("step", () => page.getByText(spec.step, { exact: true }).first().click(), spec.attachment);
   await stop("attachment", () => page.getByText(spec.attachment, { exact: true }).first().click(), spec.content);

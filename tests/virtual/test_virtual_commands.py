@@ -33,6 +33,8 @@ def test_run_a_program_that_is_not_python(tmp_path: Path) -> None:
     assert "Port 2" in done.stdout  # the ROM sits at port 3-1.2, under hub 3-1
     assert "stages reached" in done.stderr and "rom" in done.stderr
     assert "final state" in done.stderr
+    program_said = done.stderr.split("stages reached")[0]
+    assert "rx_lanes" not in program_said and "tx_lanes" not in program_said, program_said
 
 
 def test_run_passes_the_program_exit_code_and_emmc_mode(tmp_path: Path) -> None:

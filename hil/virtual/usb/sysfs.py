@@ -196,6 +196,7 @@ def device_records(node: UsbNode, device_descriptor: bytes, configs: tuple[bytes
         "bNumInterfaces": f"{len(config.interfaces):2d}", "bmAttributes": f"{configs[0][7]:02x}",
         "bMaxPower": f"{configs[0][8] * (8 if node.speed == 'super' else 2)}mA",
         "maxchild": str(maxchild), "authorized": "1", "removable": "unknown",
+        "rx_lanes": "1", "tx_lanes": "1",  # Linux >= 4.18 has them on every device; lsusb -t reads both
     }
     for key, text in (("manufacturer", manufacturer), ("product", product), ("serial", serial)):
         if text is not None:
