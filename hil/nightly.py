@@ -11,6 +11,7 @@ scheduler can tell "the product regressed" from "the lab needs a look".
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -23,11 +24,13 @@ from pathlib import Path
 from hil.errors import ExitCode, Fault, HilError, InfrastructureError, InputError
 from hil.hostenv import outside_umockdev
 from hil.report import render_report
+from hil.report.render import HISTORY_LIMIT
 from hil.rig import Rig, load_rig
 
 REPO = Path(__file__).resolve().parent.parent
 SUITES = REPO / "suites"
 REPORTS = REPO / "reports"
+HISTORY_FILE = "history.jsonl"
 TEST_TIMEOUT_S = 3 * 3600  # per test, above every stage timeout: only a hung test reaches it
 _TAG = re.compile(r"^(?:[\w.]+: )?\[(infrastructure|product|input)\]")
 _PYTEST_EXIT = {2: ExitCode.INFRASTRUCTURE, 3: ExitCode.INFRASTRUCTURE, 4: ExitCode.INPUT, 5: ExitCode.INPUT}
@@ -120,14 +123,29 @@ def pytest_command(rigs: list[Rig], *, results: Path, junit: Path, images: list[
     return command + extra
 
 
+def reports_root() -> Path:
+    """Where reports, their history and the matrix history live: ``HIL_REPORTS_DIR``, default ``reports/``."""
+    return Path(os.environ.get("HIL_REPORTS_DIR") or REPORTS)
+
+
 def default_report_dir() -> Path:
-    return REPORTS / time.strftime("%Y%m%d-%H%M%S")
+    return reports_root() / time.strftime("%Y%m%d-%H%M%S")
+
+
+def default_history() -> Path:
+    """The nightly reports' shared history (Allure 3's JSON-lines file), beside the reports."""
+    return reports_root() / HISTORY_FILE
 
 
 def run_nightly(rig_paths: list[str], *, images: list[str] | None = None, payloads: list[str] | None = None,
                 report_dir: Path | None = None, single_file: bool = False,
-                extra: list[str] | None = None) -> NightlyResult:
-    """Run the suites on ``rig_paths`` and render the report; ``extra`` goes to pytest as is."""
+                extra: list[str] | None = None, history: Path | None = None,
+                history_limit: int = HISTORY_LIMIT) -> NightlyResult:
+    """Run the suites on ``rig_paths`` and render the report; ``extra`` goes to pytest as is.
+
+    ``history``: the history file the report shows and appends to (None: no history)."""
+    if history_limit < 1:
+        raise InputError(f"--history-limit {history_limit}: keep at least 1 run", stage="nightly")
     rigs = load_rigs(rig_paths)
     report = (report_dir or default_report_dir()).resolve()
     report.mkdir(parents=True, exist_ok=True)
@@ -144,7 +162,8 @@ def run_nightly(rig_paths: list[str], *, images: list[str] | None = None, payloa
     if any(results.glob("*-result.json")):
         started = time.monotonic()
         index = render_report(results, report / "html", single_file=single_file,
-                              name=f"cm-hil nightly: {', '.join(r.name for r in rigs)}")
+                              name=f"cm-hil nightly: {', '.join(sorted(r.name for r in rigs))}",
+                              history=history, history_limit=history_limit)
         seconds["report"] = time.monotonic() - started
     code = outcome.exit_code
     if status != 0 and code == ExitCode.OK:  # pytest failed without a failed test: collection, usage, crash

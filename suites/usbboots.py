@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,12 +10,13 @@ import allure
 from hil.fixtures.evidence import StageSteps, attach_json, attach_text
 
 from hil.matrix import Attempt, Cable
+from hil.nightly import reports_root
 from hil.rig import Rig
 
 
 def reports_dir() -> Path:
-    """Where the compatibility matrix's history and pictures go: ``HIL_REPORTS_DIR``, default ``reports``."""
-    return Path(os.environ.get("HIL_REPORTS_DIR", "reports"))
+    """Where the compatibility matrix's history and pictures go, beside the nightly reports."""
+    return reports_root()
 
 
 def rig_cabling(rig: Rig) -> tuple[tuple[str, ...], Cable | None]:

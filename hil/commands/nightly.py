@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from hil.nightly import run_nightly
+from hil.nightly import default_history, run_nightly
+from hil.report.render import HISTORY_LIMIT
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where results and the report go (default: reports/<date-time>/)")
     p.add_argument("--single-file", action="store_true",
                    help="render the report as one index.html that opens from disk without a web server")
+    p.add_argument("--history", type=Path, metavar="FILE",
+                   help="the history the report shows and this run joins (default: HIL_REPORTS_DIR or reports/, "
+                   "file history.jsonl)")
+    p.add_argument("--history-limit", type=int, default=HISTORY_LIMIT, metavar="N",
+                   help=f"runs kept in the history (default {HISTORY_LIMIT})")
+    p.add_argument("--no-history", action="store_true", help="render this run alone and record nothing")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="-- more pytest arguments (e.g. -k flash)")
     p.set_defaults(func=_run)
 
@@ -32,7 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     extra = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
     result = run_nightly(args.rig, images=args.image, payloads=args.payload, report_dir=args.report_dir,
-                         single_file=args.single_file, extra=extra)
+                         single_file=args.single_file, extra=extra,
+                         history=None if args.no_history else (args.history or default_history()),
+                         history_limit=args.history_limit)
     print(result.outcome.summary())
     timings = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.seconds.items())
     print(f"results: {result.report / 'allure-results'}, {result.report / 'junit.xml'} ({timings})")

@@ -9,6 +9,7 @@ phones home or hangs on a closed network.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ TOOLCHAIN = Path(__file__).resolve().parents[2] / "report"
 ALLURE_CONFIG = TOOLCHAIN / "allurerc.json"
 ALLURE = TOOLCHAIN / "node_modules" / ".bin" / "allure"
 RENDER_TIMEOUT_S = 180.0
+HISTORY_LIMIT = 30  # runs kept in a history file, oldest dropped first
 _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 # The loader (<script async src="https://www.googletagmanager.com/...">) and the inline gtag() set-up after it.
@@ -33,17 +35,27 @@ _ANALYTICS = re.compile(
 )
 
 
-def render_report(results: Path, out: Path, *, single_file: bool = False, name: str = "cm-hil") -> Path:
-    """Render ``results`` into ``out`` (replacing a report already there) and return its ``index.html``.
+def render_report(results: Path | list[Path], out: Path, *, single_file: bool = False, name: str = "cm-hil",
+                  history: Path | None = None, history_limit: int = HISTORY_LIMIT) -> Path:
+    """Render ``results`` (one allure-results folder or several, merged) into ``out``, replacing a report
+    already there, and return its ``index.html``.
 
     ``single_file`` inlines scripts and data into ``index.html`` so that it opens straight from disk
     (``file://``); the default layout needs an HTTP server, as browsers refuse ``fetch`` over ``file://``.
+    ``history``: Allure 3's history file (JSON lines, one per run): the report shows the runs in it (trend,
+    each test's history) and this run is appended, keeping the newest ``history_limit``.
     """
-    if not results.is_dir():
-        raise InputError(
-            f"{results}: no allure-results folder there. Fix: run pytest with --alluredir {results} first",
-            stage="report",
-        )
+    folders = [results] if isinstance(results, Path) else list(results)
+    for folder in folders:
+        if not folder.is_dir():
+            raise InputError(
+                f"{folder}: no allure-results folder there. Fix: run pytest with --alluredir {folder} first",
+                stage="report",
+            )
+    if not folders:
+        raise InputError("no allure-results folder given", stage="report")
+    if history_limit < 1:
+        raise InputError(f"a history of {history_limit} runs keeps nothing. Fix: give 1 or more", stage="report")
     _check_replaceable(out)
     if not ALLURE.exists():
         raise InfrastructureError(
@@ -55,17 +67,19 @@ def render_report(results: Path, out: Path, *, single_file: bool = False, name: 
     # render goes to a fresh folder beside ``out`` and is moved into place once it is known to be good.
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         staging = Path(tmp) / "report"
-        command = [str(ALLURE), "awesome", "--config", str(ALLURE_CONFIG), "--report-name", name]
-        command += ["--output", str(staging), *(["--single-file"] if single_file else []), str(results.resolve())]
-        _run_allure(command, results)
+        config = _config(Path(tmp), history, history_limit)
+        command = [str(ALLURE), "awesome", "--config", str(config), "--report-name", name]
+        command += ["--output", str(staging), *(["--single-file"] if single_file else [])]
+        command += [str(f.resolve()) for f in folders]
+        _run_allure(command, folders[0])
         index = staging / "index.html"
         if not index.is_file():
-            raise InfrastructureError(f"allure exited 0 but wrote no {index.name} for {results}", stage="report")
+            raise InfrastructureError(f"allure exited 0 but wrote no {index.name} for {folders[0]}", stage="report")
         html = _ANALYTICS.sub("", index.read_text(encoding="utf-8"))
         outside = _outside_references(html)
         if outside:
             raise InfrastructureError(
-                f"the report for {results} would load {', '.join(sorted(outside))} from outside the machine: the "
+                f"the report for {folders[0]} would load {', '.join(sorted(outside))} from outside the machine: the "
                 f"pinned allure changed its page. Fix: extend the clean-up in {__name__} for this allure version",
                 stage="report",
             )
@@ -74,6 +88,22 @@ def render_report(results: Path, out: Path, *, single_file: bool = False, name: 
             shutil.rmtree(out)
         staging.rename(out)
     return out / "index.html"
+
+
+def _config(folder: Path, history: Path | None, limit: int) -> Path:
+    """The project's Allure config, plus where this render reads and appends its history."""
+    if history is None:
+        return ALLURE_CONFIG
+    history = history.resolve()
+    if history.exists() and not history.is_file():
+        raise InputError(f"{history}: not a history file. Fix: give a file path (it is created if missing)",
+                         stage="report")
+    history.parent.mkdir(parents=True, exist_ok=True)
+    config = json.loads(ALLURE_CONFIG.read_text(encoding="utf-8"))
+    config.update(historyPath=str(history), historyLimit=limit, appendHistory=True)
+    path = folder / "allurerc.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    return path
 
 
 def _outside_references(html: str) -> set[str]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import re
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -12,6 +14,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+from hil.report import render_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHECK = Path(__file__).with_name("report_check.mjs")
@@ -23,18 +27,24 @@ class _QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def served_url(served_report: Path) -> Iterator[str]:
-    """The default report behind a static HTTP server on a free loopback port."""
-    handler = functools.partial(_QuietHandler, directory=str(served_report.parent))
+@contextlib.contextmanager
+def _serve(index: Path) -> Iterator[str]:
+    """A rendered report behind a static HTTP server on a free loopback port."""
+    handler = functools.partial(_QuietHandler, directory=str(index.parent))
     with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         try:
-            yield f"http://127.0.0.1:{server.server_address[1]}/{served_report.name}"
+            yield f"http://127.0.0.1:{server.server_address[1]}/{index.name}"
         finally:
             server.shutdown()
             thread.join()
+
+
+@pytest.fixture
+def served_url(served_report: Path) -> Iterator[str]:
+    with _serve(served_report) as url:
+        yield url
 
 
 def _look_at(url: str, sample: SimpleNamespace) -> dict:
@@ -79,3 +89,20 @@ def test_served_report_shows_steps_attachment_and_categories(served_url: str, sa
 
 def test_single_file_report_opens_from_disk(single_file_report: Path, sample: SimpleNamespace) -> None:
     _check(_look_at(single_file_report.as_uri(), sample), sample)
+
+
+def test_a_second_run_shows_the_first_in_its_history(allure_results: Path, tmp_path: Path,
+                                                      sample: SimpleNamespace) -> None:
+    """Two renders sharing a history file, as two nightly runs do: the second one's test page counts one
+    earlier run; the first had none to show."""
+    history = tmp_path / "reports" / "history.jsonl"
+    first = render_report(allure_results, tmp_path / "first", history=history)
+    second = render_report(allure_results, tmp_path / "second", history=history)
+    with _serve(first) as url:
+        before = _look_at(url, sample)["stops"]["test"]
+    with _serve(second) as url:
+        after = _look_at(url, sample)
+    _check(after, sample)
+    assert not re.search(r"History\s+\d", before), before
+    assert re.search(r"History\s+1\b", after["stops"]["test"]), after["stops"]["test"]
+    assert len(history.read_text().splitlines()) == 2

@@ -145,3 +145,29 @@ def test_an_allure_failure_is_a_report_stage_infrastructure_error(
         render_report(allure_results, tmp_path / "report")
     assert caught.value.stage == "report"
     assert not (tmp_path / "report").exists()
+
+
+def test_hil_report_merges_results_folders_and_keeps_a_bounded_history(allure_results: Path, tmp_path: Path) -> None:
+    """`hil report` renders what two controllers gathered as one report; the history keeps the newest N runs."""
+    from tests.hilrun import hil
+
+    other = tmp_path / "other-results"
+    other.mkdir()
+    for result in allure_results.glob("*-result.json"):  # the same tests, as another controller ran them
+        data = json.loads(result.read_text())
+        data["uuid"] = "x" + data["uuid"][1:]
+        data["name"] = data["name"] + "_on_controller_b"
+        data["fullName"] = data["fullName"] + "_on_controller_b"
+        data["historyId"] = "b" + data.get("historyId", "")[1:]
+        data["testCaseId"] = "b" + data.get("testCaseId", "")[1:]
+        (other / f"{data['uuid']}-result.json").write_text(json.dumps(data))
+    history = tmp_path / "history.jsonl"
+    for run in range(3):
+        done = hil("report", str(allure_results), str(other), "--out", str(tmp_path / f"run{run}"),
+                   "--history", str(history), "--history-limit", "2", timeout=240)
+        assert done.returncode == 0, done.stderr
+    names = {r["name"] for r in _test_results(tmp_path / "run2" / "index.html").values()}
+    assert {"test_flash_and_boot", "test_flash_and_boot_on_controller_b"} <= names
+    assert len(history.read_text().splitlines()) == 2
+    missing = hil("report", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "r"))
+    assert missing.returncode == 2 and "no allure-results folder" in missing.stderr
