@@ -1,9 +1,8 @@
 """Read the written ranges back from the disk with O_DIRECT (never from the page cache) and compare
-their SHA-256 with what the writer hashed; a reader thread and the hashing overlap."""
+their checksums (:mod:`hil.flash.digest`) with the writer's; a reader thread and the hashing overlap."""
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import queue
@@ -13,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from hil.errors import ProductError
+from hil.flash.digest import piece_digest
 from hil.flash.writer import CHUNK, SECTOR, Written
 
 STAGE = "flash.verify"
@@ -81,10 +81,10 @@ def verify_written(fd: int, device: str, written: list[Written], *,
                                    "repeated read error means the eMMC or the USB link is faulty", stage=STAGE)
             index, piece = item
             view = memoryview(buffers[index])
-            digest = hashlib.sha256(view[:piece.end - piece.start]).digest()
+            digest = piece_digest(view[:piece.end - piece.start])
             view.release()
             free.put(index)
-            if digest != piece.sha256:
+            if digest != piece.digest:
                 raise ProductError(f"verification failed: {device} bytes {piece.start}-{piece.end} differ from "
                                    "what was written. Fix: flash again; if it recurs the eMMC is faulty",
                                    stage=STAGE, offset=piece.start, end=piece.end)

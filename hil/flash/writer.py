@@ -3,8 +3,8 @@
 Three things run at once: the decoder (a child process, see :mod:`hil.flash.sources`), this thread
 (reading the decoded stream or the raw file into page-aligned 4 MiB buffers, planning, hashing what
 will be written and copying it into the image cache) and a writer thread doing ``pwritev`` with
-``O_DIRECT``. hashlib and the system calls release the GIL, so the threads really overlap. The hashes
-of what was written are the reference for :mod:`hil.flash.verify`.
+``O_DIRECT``. The system calls release the GIL, so the threads really overlap. The checksums of what was
+written (:mod:`hil.flash.digest`) are the reference for :mod:`hil.flash.verify`.
 
 If the image turns out bad after writing began (a decode error, or more data than the disk holds),
 the first sectors are zeroed so the module cannot boot a half-written image, and the error says so.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import mmap
 import os
 import queue
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from hil.errors import HilError, InputError, ProductError
 from hil.flash.cache import CacheWriter, ImageCache
+from hil.flash.digest import piece_digest
 from hil.flash.ranges import AllocationMap, Extent, FixedRanges, Plan, merge, sparse_ranges, total
 from hil.flash.sources import DecodedStream, Image
 from hil.units import human_size
@@ -42,7 +42,7 @@ Progress = Callable[[int, int | None, int, float], None]
 class Written:
     start: int
     end: int
-    sha256: bytes
+    digest: bytes  # hil.flash.digest.piece_digest of the bytes written there
 
 
 @dataclass
@@ -217,7 +217,7 @@ def _feed(chunks: Iterator[tuple[int, int, int, list[Extent]]], image: Image, ca
         view = memoryview(buffers[index])
         for start, stop in ranges:
             piece = view[start - base:stop - base]
-            result.written.append(Written(start, stop, hashlib.sha256(piece).digest()))
+            result.written.append(Written(start, stop, piece_digest(piece)))
             if cache_writer is not None:
                 cache_writer.write(start, piece)
             piece.release()

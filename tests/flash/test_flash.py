@@ -397,7 +397,7 @@ def test_a_second_flash_comes_from_the_cache(guarded: GuardedDisk, booted: Boote
     first = write_image(image, guarded.fd, guarded.disk.node, EMMC, cache=cache)
     second = write_image(image, guarded.fd, guarded.disk.node, EMMC, cache=cache)
     assert (first.from_cache, second.from_cache, second.plan) == (False, True, "cache")
-    assert [w.sha256 for w in second.written] == [w.sha256 for w in first.written]
+    assert [w.digest for w in second.written] == [w.digest for w in first.written]
     verify_written(guarded.fd, guarded.disk.node, second.written)
     landed(booted, images.good)
     small = ImageCache(tmp_path / "cache", max_bytes=MiB)
