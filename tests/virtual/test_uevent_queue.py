@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hil.virtual.usb.umockdev_bus import UEVENT_QUEUE, uevent_queue_shortfall
+from hil.virtual.usb.ueventqueue import UEVENT_QUEUE, uevent_queue_shortfall
 
 
 def test_the_kernel_default_queue_is_reported_with_the_fix(tmp_path: Path) -> None:
