@@ -472,3 +472,36 @@ def test_closing_the_bus_removes_its_testbed_and_no_second_one_follows() -> None
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["root_left"] is False
     assert "was closed" in result["again"] and "new process" in result["again"]
+
+
+def test_closing_a_handle_releases_its_claims_as_usbfs_does(bus: UsbBus, port: UsbPort) -> None:
+    """rpiboot's retry closes its handle without releasing the interface, then opens and claims again; Linux
+    usbfs releases a file's claims when it is closed, so that claim succeeds. While the first handle is open,
+    a second one's claim is still refused (BUSY). The calls are pyusb's libusb1 backend, i.e. plain
+    libusb_open / libusb_claim_interface / libusb_close."""
+    port.attach(Echo())
+    got = run_host(bus, FIND, """
+        be = dev._ctx.backend
+        def claim(handle):
+            try:
+                be.claim_interface(handle, 0)
+                return "claimed"
+            except usb.core.USBError as e:
+                return e.backend_error_code
+        first = be.open_device(dev._ctx.dev)
+        held = claim(first)
+        second = be.open_device(dev._ctx.dev)
+        while_open = claim(second)
+        be.close_device(second)
+        after = []
+        for _ in range(2):
+            be.close_device(first)  # libusb_close, no libusb_release_interface
+            first = be.open_device(dev._ctx.dev)
+            after.append(claim(first))
+        from array import array
+        be.bulk_write(first, 0x01, 0, array("B", b"still works"), 1000)
+        buffer = array("B", bytes(64))
+        n = be.bulk_read(first, 0x81, 0, buffer, 1000)
+        out(held=held, while_open=while_open, after=after, echo=buffer[:n].tobytes().decode())
+    """)
+    assert got == {"held": "claimed", "while_open": -6, "after": ["claimed", "claimed"], "echo": "still works"}

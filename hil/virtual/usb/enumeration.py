@@ -74,6 +74,7 @@ class Enumeration:
     def idle(self) -> bool:
         """Gone and no host holds the node open any more: its ioctl handler can go."""
         with self._lock:
+            self._sweep()
             return self.gone and not self._clients
 
     def record(self, what: str, **details: Any) -> None:
@@ -87,7 +88,10 @@ class Enumeration:
         handler = self._handlers.get(request)
         try:
             with self._lock:
-                client = self._clients.get(ic) or self._clients.setdefault(ic, Client(ic))
+                client = self._clients.get(ic)
+                if client is None:
+                    self._sweep()
+                    client = self._clients[ic] = Client(ic)
                 if handler is None:
                     log.debug("%s: unhandled usbfs ioctl %#x", self.node.name, request)
                     raise Errno(errno.ENOTTY)
@@ -106,15 +110,33 @@ class Enumeration:
 
     def on_vanished(self, _handler: Any, ic: Any) -> None:
         with self._lock:
-            client = self._clients.pop(ic, None)
-            if client is None:
-                return
-            for urb in client.urbs.values():
-                urb.status = -errno.ENOENT
-                urb.cancel.set()
-            for number in client.claimed:
-                self._claims.pop(number, None)
+            client = self._clients.get(ic)
+            if client is not None:
+                self._closed(client)
             self._ring()
+
+    def _sweep(self) -> None:
+        """Lock held: end the clients whose file descriptor is closed.
+
+        Linux usbfs kills a file's URBs and releases its claims when the file is closed, so a new handle
+        may claim what a handle closed without releasing held (rpiboot's retry does exactly that). umockdev
+        0.17.16 never emits ``client-vanished``; a closed client shows only as ``connected`` turning false,
+        so the bus looks whenever that can matter: a new client, a claim, the question whether it is idle."""
+        for client in [c for c in self._clients.values() if not c.ioctl.props.connected]:
+            self._closed(client)
+
+    def _closed(self, client: Client) -> None:
+        del self._clients[client.ioctl]
+        client.parked = False
+        for urb in client.urbs.values():
+            urb.status = -errno.ENOENT
+            urb.cancel.set()
+        released = sorted(n for n in client.claimed if self._claims.get(n) is client)
+        for number in released:
+            del self._claims[number]
+        client.claimed.clear()
+        if released:
+            self.record("closed", released=released)
 
     # -- URBs ----------------------------------------------------------------------------------------------
 
@@ -268,6 +290,9 @@ class Enumeration:
         if number not in self._interfaces:
             raise Errno(errno.ENOENT)
         holder = self._claims.get(number)
+        if holder is not None and holder is not c and not holder.ioctl.props.connected:
+            self._sweep()
+            holder = self._claims.get(number)
         if number in self.drivers or (holder is not None and holder is not c):
             raise Errno(errno.EBUSY)
         self._claims[number] = c

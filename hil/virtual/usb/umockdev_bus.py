@@ -285,7 +285,7 @@ class UsbBus:
                                reason=admission.reason)
         handler = UMockdev.IoctlBase()
         handler.connect("handle-ioctl", enumeration.on_ioctl)
-        handler.connect("client-vanished", enumeration.on_vanished)
+        handler.connect("client-vanished", enumeration.on_vanished)  # for a umockdev that emits it
         self._testbed.attach_ioctl(node.devname, handler)
         self._handlers[node.devname] = enumeration
         enumeration.doorbell = Doorbell(self.root_dir + node.devname)
