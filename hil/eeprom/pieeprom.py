@@ -8,9 +8,12 @@ An all-zero or all-ones header ends the chain. Modifiable files live in their ow
 last 4 KiB of the flash is the bootloader's scratch space. This is the layout Raspberry Pi's
 ``rpi-eeprom-config`` reads and writes (format learnt from its public source; this is our own code).
 
-Replacing the config keeps everything else byte for byte: the new text, erased (0xff) bytes to the next
-8-byte boundary, then a padding section up to the next real section, so the result is what
-``rpi-eeprom-config --config`` would produce and the bootloader accepts.
+Replacing the config keeps everything else byte for byte, as ``rpi-eeprom-config --config`` does: it
+rewrites the ``bootconf.txt`` of the updatable window (after the 64 KiB read-only part, before 0x107000 where
+a 2 MiB A/B image's partition B begins), then erased (0xff) bytes to the next 8-byte boundary, then, unless
+``bootconf.txt`` ends the chain, a padding header (zero-length when exactly 8 bytes are left) up to the next
+section that is not padding, or else to the end of that window. So a 2712 image keeps the padding header at
+0x107000 that marks partition B, and later sections such as ``pubkey.bin`` stay in the chain.
 
 Raspberry Pi's images are not ours to ship: :func:`stand_in_image` builds one with the same container and a
 stand-in "firmware" section that the virtual module can run (it carries the version strings a real image
@@ -36,6 +39,8 @@ FILE_MAGIC = 0x55AAF11F
 PAD_MAGIC = 0x55AAFEEF
 BOOTCONF = "bootconf.txt"
 ERASE_BLOCK = 4096
+READ_ONLY_SIZE = 64 * 1024  # an A/B image: the read-only part, partition A, an empty partition B, journals
+PARTITION_END = READ_ONLY_SIZE + 988 * 1024  # 0x107000: the end of the window a config update may touch
 _HEADER = struct.Struct(">II")
 _NAME_LEN = 12
 _FILE_HEADER = _HEADER.size + _NAME_LEN
@@ -108,14 +113,17 @@ def sections(image: bytes, source: object = "pieeprom.bin") -> list[Section]:
     return found
 
 
-def _config_section(image: bytes, model: ModuleModel, source: object) -> tuple[list[Section], int]:
+def _config_section(image: bytes, model: ModuleModel, source: object,
+                    window: tuple[int, int] = (0, 1 << 32)) -> tuple[list[Section], int]:
+    """The chain and the index of the first ``bootconf.txt`` whose header lies in ``window``."""
     check_size(image, model, source)
     chain = sections(image, source)
     for index, section in enumerate(chain):
-        if section.magic == FILE_MAGIC and section.name == BOOTCONF:
+        if section.magic == FILE_MAGIC and section.name == BOOTCONF and window[0] <= section.offset < window[1]:
             return chain, index
-    raise InputError(f"{source} has no {BOOTCONF} section, so it cannot carry a boot.conf. Fix: start from an "
-                     "official pieeprom image (every release since 2019 has one)", stage=STAGE)
+    where = "" if window[0] == 0 else f" between 0x{window[0]:x} and 0x{window[1]:x} (where an update writes it)"
+    raise InputError(f"{source} has no {BOOTCONF} section{where}, so it cannot carry a boot.conf. Fix: start "
+                     "from an official pieeprom image (every release since 2019 has one)", stage=STAGE)
 
 
 def read_config(image: bytes, model: ModuleModel, source: object = "pieeprom.bin") -> str:
@@ -132,11 +140,12 @@ def read_config(image: bytes, model: ModuleModel, source: object = "pieeprom.bin
 
 def embed_config(image: bytes, text: str, model: ModuleModel, source: object = "pieeprom.bin") -> bytes:
     """A copy of ``image`` carrying ``text`` as its boot.conf (the rest unchanged)."""
-    chain, index = _config_section(image, model, source)
+    chain, index = _config_section(image, model, source, (READ_ONLY_SIZE, PARTITION_END))
     section = chain[index]
     data = text.encode("utf-8")
     following = chain[index + 1:]
-    limit = next((s.offset for s in following if s.magic != PAD_MAGIC), len(image) - ERASE_BLOCK)
+    window_end = min(len(image) - ERASE_BLOCK, PARTITION_END)
+    limit = next((s.offset for s in following if s.magic != PAD_MAGIC), window_end)
     end = section.offset + _FILE_DATA + len(data)
     if len(data) > MAX_FILE_SIZE or end > limit:
         room = min(MAX_FILE_SIZE, limit - section.offset - _FILE_DATA)
@@ -147,7 +156,7 @@ def embed_config(image: bytes, text: str, model: ModuleModel, source: object = "
     out[section.offset + _FILE_DATA:end] = data
     aligned = (end + 7) & ~7
     out[end:aligned] = b"\xff" * (aligned - end)
-    if following and limit - aligned > _HEADER.size:  # a later section follows: bridge the gap with padding
+    if following and limit - aligned >= _HEADER.size:  # bridge the gap to what follows, even with an empty pad
         _HEADER.pack_into(out, aligned, PAD_MAGIC, limit - aligned - _HEADER.size)
         aligned += _HEADER.size
     out[aligned:limit] = b"\xff" * (limit - aligned)
@@ -169,7 +178,8 @@ def stand_in_image(model: ModuleModel, config: str, *, version: str, date: str, 
 
     ``date`` is as the banner prints it (``2024/04/15 TIME: 13:12:14``)."""
     size = IMAGE_SIZES[model.chip_dir]
-    config_at = size - 2 * ERASE_BLOCK  # its own erase block, below the scratch block
+    window_end = min(size, PARTITION_END)
+    config_at = window_end - 2 * ERASE_BLOCK  # its own erase block, inside the window an update may touch
     banner = f"VERSION:{version} DATE: {date} BUILD_TIMESTAMP={timestamp}\0".encode()
     body_size = config_at - _HEADER.size - _STAND_IN_HEAD.size
     body = banner + random.Random(f"pieeprom/{model.chip_dir}/{version}").randbytes(body_size - len(banner))
@@ -180,6 +190,9 @@ def stand_in_image(model: ModuleModel, config: str, *, version: str, date: str, 
     _HEADER.pack_into(image, config_at, FILE_MAGIC, _NAME_LEN + 4)
     image[config_at + _HEADER.size:config_at + _HEADER.size + _NAME_LEN] = BOOTCONF.encode().ljust(_NAME_LEN, b"\0")
     image[config_at + _HEADER.size + _NAME_LEN:config_at + _FILE_DATA] = bytes(4)
+    if window_end < size:  # a 2 MiB A/B image: partition A ends in padding, partition B is one padding section
+        _HEADER.pack_into(image, config_at + _FILE_DATA, PAD_MAGIC, window_end - config_at - _FILE_DATA - _HEADER.size)
+        _HEADER.pack_into(image, window_end, PAD_MAGIC, size - 2 * ERASE_BLOCK - window_end - _HEADER.size)
     return embed_config(bytes(image), config, model, "stand-in image")
 
 
