@@ -76,6 +76,12 @@ def _text(limit: int | None = None) -> _Check:
 
 _FLAG = _choice("0", "1")
 _ANY = ("cm4", "cm5")
+#: Model filters (raspberrypi/documentation, config_txt/conditional.adoc) and the EEPROM modules each selects:
+#: what is under ``[cm5]`` is for a CM5 even in a CM4's boot.conf, and is checked as such.
+MODEL_FILTERS: dict[str, tuple[str, ...]] = {
+    "pi4": ("cm4",), "pi400": ("cm4",), "cm4": ("cm4",), "pi5": ("cm5",), "pi500": ("cm5",), "cm5": ("cm5",),
+    "cm4s": (), "pi0": (), "pi0w": (), "pi02": (), "pi1": (), "pi2": (), "pi3": (), "pi3+": (),
+}
 
 
 @dataclass(frozen=True)
@@ -211,7 +217,8 @@ def parse_boot_order(text: str, model: str) -> BootOrder:
 
 @dataclass(frozen=True)
 class BootConf:
-    """A validated boot.conf. ``settings`` are the unconditional ones (top or ``[all]``)."""
+    """A validated boot.conf. ``settings`` are the ones this model always applies (top, ``[all]``, or a model
+    filter that selects it such as ``[cm5]`` on a CM5)."""
 
     text: str
     model: str
@@ -236,6 +243,7 @@ def parse_bootconf(text: str, model: str, source: object = "boot.conf") -> BootC
     settings: dict[str, str] = {}
     order = BootOrder(DEFAULT_BOOT_ORDER, (0x1, 0x4, 0xF))
     unconditional = True
+    for_models: tuple[str, ...] = (model,)  # the modules the current section's settings are for
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -244,7 +252,8 @@ def parse_bootconf(text: str, model: str, source: object = "boot.conf") -> BootC
             section = line[1:-1].strip().lower()
             if section == "config.txt":
                 break  # the rest belongs to the OS's config.txt
-            unconditional = section == "all"
+            for_models = MODEL_FILTERS.get(section, (model,))
+            unconditional = section == "all" or section in MODEL_FILTERS and for_models == (model,)
             continue
         key, sep, value = (part.strip() for part in line.partition("="))
         if not sep or not key:
@@ -258,11 +267,12 @@ def parse_bootconf(text: str, model: str, source: object = "boot.conf") -> BootC
             raise fail(number, key, "is not a bootloader setting (the bootloader would silently ignore it)",
                        f"did you mean {near[0]}?" if near else "remove it; see the bootloader configuration "
                        "properties in the Raspberry Pi documentation")
-        if model not in spec.models:
-            raise fail(number, key, f"does not exist on a {model} (only on {', '.join(spec.models)})", "remove it")
+        if for_models and not set(for_models) & set(spec.models):
+            where = model if for_models == (model,) else " or ".join(for_models)
+            raise fail(number, key, f"does not exist on a {where} (only on {', '.join(spec.models)})", "remove it")
         if key == "BOOT_ORDER":
             try:
-                parsed = parse_boot_order(value, model)
+                parsed = parse_boot_order(value, for_models[0] if len(for_models) == 1 else model)
             except BootOrderError as e:
                 raise fail(number, key, e.problem, e.fix) from None
             if unconditional:

@@ -15,7 +15,8 @@ The flow (usbboot-protocol.md section 7):
    check is harmless either way.
 6. Power-cycle into the eMMC and read the bootloader's UART banner: its build (VERSION, BUILD_TIMESTAMP) and
    the BOOT_ORDER it walks (the first ``Boot mode:`` line names the first mode and the rest of the order)
-   must be the flashed ones.
+   must be the flashed ones. With BOOT_UART=0 (usbboot's stock recovery boot.conf) the bootloader prints
+   nothing, so there is no banner to expect and step 3 alone proves the update.
 
 A module whose update was cut short holds a torn image: its boot ROM finds no bootloader, prints nothing
 and waits as a USB device, where this same flow recovers it.
@@ -92,8 +93,11 @@ class EepromUpdate:
         return asdict(self)
 
 
-def check_payload(folder: Path, rig: Rig, *, confirm: bool = True) -> RecoveryPayload:
-    """Everything about the payload that can be wrong, found before the module is touched."""
+def check_payload(folder: Path, rig: Rig) -> RecoveryPayload:
+    """Everything about the payload that can be wrong, found before the module is touched.
+
+    A boot.conf with BOOT_UART=0 (usbboot's stock recovery folder) is accepted: the update is then proven by
+    recovery.bin's metadata alone, as the bootloader prints no banner to read back."""
     model = rig.model
     if not model.has_eeprom:
         raise InputError(f"rig {rig.name} is a {model.name}, which has no bootloader EEPROM. Fix: use a cm4 or cm5 "
@@ -124,10 +128,6 @@ def check_payload(folder: Path, rig: Rig, *, confirm: bool = True) -> RecoveryPa
     if write_protect not in (None, "-1", "0", "1"):
         raise InputError(f"{where}: eeprom_write_protect={write_protect} means nothing. Fix: use 1 (protect), "
                          "0 (clear) or -1 (leave as is)", stage=f"{STAGE}.payload")
-    if confirm and not config.boot_uart:
-        raise InputError(f"the boot.conf in {image_file.source} does not set BOOT_UART=1, so the bootloader will "
-                         "print nothing on the UART and the update cannot be confirmed there. Fix: add BOOT_UART=1",
-                         stage=f"{STAGE}.payload")
     facts = image_facts(image)
     if facts.stand_in and not rig.is_virtual:
         raise InputError(f"{image_file.source} is a cm-hil stand-in image; it would brick a real {model.name}. Fix: "
@@ -145,7 +145,7 @@ def flash_eeprom(lc: Lifecycle, folder: Path, *, keep_write_protect: bool = Fals
     ``usb_options`` go to :class:`UsbBoot` (e.g. ``settle``)."""
     started = time.monotonic()
     rig = lc.rig
-    payload = check_payload(folder, rig, confirm=confirm)
+    payload = check_payload(folder, rig)
     result = EepromUpdate(rig.name, rig.model.name, str(folder), payload.image_name, payload.sig.sha256,
                           f"0x{payload.config.boot_order.value:x}", payload.write_protect, {})
     usb = recovery_boot(lc, folder, write_protect=keep_write_protect, **usb_options)
@@ -156,7 +156,10 @@ def flash_eeprom(lc: Lifecycle, folder: Path, *, keep_write_protect: bool = Fals
         if payload.write_protect == "1" and not rig.relays.nwp_protect_at_rest:
             result.notes.append(f"the EEPROM's protect bits are set, but EEPROM_nWP rests released on rig {rig.name}"
                                 f", so it is writable at rest: set nwp_protect_at_rest = true in {rig.path}")
-    if confirm:
+    if confirm and not payload.config.boot_uart:
+        result.notes.append("the new boot.conf leaves BOOT_UART off, so the bootloader prints no banner: the "
+                            "update is proven by recovery.bin's EEPROM_UPDATE and EEPROM_HASH only")
+    elif confirm:
         result.banner = read_banner(lc)
         _confirm(result.banner, payload)
     result.seconds = round(time.monotonic() - started, 3)

@@ -62,6 +62,24 @@ def test_a_valid_conf_keeps_unconditional_settings_and_ignores_the_config_txt_se
                              "TFTP_IP": "192.168.1.9"}
 
 
+def test_model_sections_are_checked_for_the_model_they_select() -> None:
+    """A key under [cm5] is for a CM5 even in a CM4's boot.conf (one file for both modules), and a model filter
+    that selects the module being built applies to it."""
+    text = "[all]\nBOOT_UART=1\n[cm5]\nPCIE_PROBE=1\nBOOT_ORDER=0xf461\n[pi4]\nBOOT_ORDER=0xf15\nVL805=1\n"
+    cm4 = parse_bootconf(text, "cm4")
+    assert "PCIE_PROBE" not in cm4.settings and cm4.boot_order.value == 0xF15 and cm4.settings["VL805"] == "1"
+    cm5 = parse_bootconf(text.replace("VL805=1\n", ""), "cm5")
+    assert cm5.settings["PCIE_PROBE"] == "1" and cm5.boot_order.value == 0xF461
+    with pytest.raises(InputError, match="line 3: PCIE_PROBE: does not exist on a cm4"):
+        parse_bootconf("[all]\n[cm4]\nPCIE_PROBE=1\n", "cm4")
+    with pytest.raises(InputError, match="line 2: VL805: does not exist on a cm5"):
+        parse_bootconf("[pi5]\nVL805=1\n", "cm4")
+    with pytest.raises(InputError, match="BCM-USB-MSD, which a cm5 does not have"):
+        parse_bootconf("[cm5]\nBOOT_ORDER=0xf15\n", "cm4")
+    with pytest.raises(InputError, match="PCIE_PROB: is not a bootloader setting"):
+        parse_bootconf("[cm5]\nPCIE_PROB=1\n", "cm4")
+
+
 def test_defaults_when_unset() -> None:
     conf = parse_bootconf("", "cm5")
     assert not conf.boot_uart and conf.boot_order.value == 0xF41

@@ -71,3 +71,21 @@ def test_flash_a_virtual_cm5_and_show_what_it_runs(make_rig: Callable[..., Path]
     assert result["banner"]["version"] == LATEST["cm5"].version
     assert main(["eeprom", "show", "--rig", rig]) == 0
     assert f"bootloader VERSION {LATEST['cm5'].version}" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("virtual_usb")
+def test_flash_a_virtual_cm4_with_the_stock_recovery_boot_conf(make_rig: Callable[..., Path], folder: Path,
+                                                               tmp_path: Path) -> None:
+    """usbboot's recovery/boot.conf has BOOT_UART=0: the update is judged by recovery.bin's metadata and no
+    bootloader banner is waited for."""
+    conf = tmp_path / "boot.conf"
+    conf.write_text("[all]\nBOOT_UART=0\nWAKE_ON_GPIO=1\nPOWER_OFF_ON_HALT=0\nBOOT_ORDER=0xf25641\n"
+                    "ENABLE_SELF_UPDATE=1\n")
+    assert main(["eeprom", "build", "--model", "cm4", "--image", str(folder / "pieeprom.original.bin"),
+                 "--config", str(conf), "--out", str(folder)]) == 0
+    report = tmp_path / "result.json"
+    assert main(["eeprom", "flash", "--rig", str(make_rig("cm4", "eeprom-cli-stock")), "--payload", str(folder),
+                 "--settle", "0.05", "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert result["metadata"]["EEPROM_UPDATE"] == "success" and result["banner"] is None
+    assert any("BOOT_UART off" in note for note in result["notes"])

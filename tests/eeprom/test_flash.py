@@ -64,13 +64,16 @@ def test_a_broken_folder_is_an_input_error_naming_the_fix(cm4: Rig, folder: Path
     assert says in str(e.value) and "Fix:" in str(e.value) and e.value.exit_code == 2
 
 
-def test_a_config_without_boot_uart_cannot_be_confirmed(cm4: Rig, folder: Path) -> None:
+#: usbboot's stock recovery/boot.conf settings (raspberrypi/usbboot 87d6e03): the bootloader stays silent.
+STOCK_BOOT_CONF = "[all]\nBOOT_UART=0\nWAKE_ON_GPIO=1\nPOWER_OFF_ON_HALT=0\nBOOT_ORDER=0xf25641\nENABLE_SELF_UPDATE=1\n"
+
+
+def test_the_stock_recovery_boot_conf_without_boot_uart_is_accepted(cm4: Rig, folder: Path) -> None:
     from hil.eeprom.build import build_update
 
-    build_update(folder, (folder / "pieeprom.original.bin").read_bytes(), "BOOT_ORDER=0xf41\n", cm4.model)
-    with pytest.raises(InputError, match="does not set BOOT_UART=1.*Fix: add BOOT_UART=1"):
-        check_payload(folder, cm4)
-    assert check_payload(folder, cm4, confirm=False).config.boot_order.value == 0xF41
+    build_update(folder, (folder / "pieeprom.original.bin").read_bytes(), STOCK_BOOT_CONF, cm4.model)
+    payload = check_payload(folder, cm4)
+    assert not payload.config.boot_uart and payload.config.boot_order.value == 0xF25641
 
 
 def test_stand_ins_never_go_to_real_hardware_and_eepromless_modules_are_refused(cm4: Rig, folder: Path) -> None:
