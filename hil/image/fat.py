@@ -24,13 +24,18 @@ def fat_type(image: Path | str, part: Partition) -> str | None:
     with open(image, "rb") as f:
         f.seek(part.start)
         boot = f.read(512)
+    return boot_sector_type(boot, part.size)
+
+
+def boot_sector_type(boot: bytes, size: int) -> str | None:
+    """"FAT12", "FAT16" or "FAT32" for a valid FAT boot sector of a volume of ``size`` bytes, else None."""
     if len(boot) < 512 or boot[510:512] != b"\x55\xaa" or boot[0] not in (0xEB, 0xE9):
         return None
     (_, _, sector, per_cluster, reserved, fats, root_entries, total16, _, fat16, _, _, _,
      total32, fat32, *_) = _BPB.unpack_from(boot)
     fat_sectors, total = fat16 or fat32, total16 or total32
     if (sector not in (512, 1024, 2048, 4096) or per_cluster not in (1, 2, 4, 8, 16, 32, 64, 128)
-            or not reserved or not fats or not fat_sectors or total * sector > part.size):
+            or not reserved or not fats or not fat_sectors or total * sector > size):
         return None
     root_sectors = (root_entries * 32 + sector - 1) // sector
     data = total - reserved - fats * fat_sectors - root_sectors

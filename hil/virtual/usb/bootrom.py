@@ -16,8 +16,9 @@ is what lets rpiboot's endless retry loop succeed on the next pass.
   message's length field: status :data:`STATUS_BAD_EXCHANGE` (a big-endian length is accepted and noted);
 * a new announce in the middle of an exchange abandons it (journal "fault") and starts over;
 * an empty second stage (length 0): status :data:`STATUS_NO_IMAGE`;
-* an image that is not a stand-in second stage for this chip, including every real Raspberry Pi
-  bootcode (the virtual module cannot run VideoCore code): status :data:`STATUS_REJECTED`;
+* an image that is neither a stand-in second stage nor a genuine Raspberry Pi one
+  (:mod:`hil.virtual.usb.genuine`) for this chip, or a genuine one of a kind not modelled: status
+  :data:`STATUS_REJECTED`. A genuine second stage runs as the program it is (msd, gadget, recovery);
 * a status read before the exchange is complete: never answered.
 """
 
@@ -27,6 +28,7 @@ import struct
 import threading
 from dataclasses import dataclass
 
+from hil.virtual.usb import genuine
 from hil.virtual.usb.descriptors import rom_descriptors
 from hil.virtual.usb.device import ControlSetup, DeviceGone, Stall, Unresponsive
 from hil.virtual.usb.payloads import PROGRAMS, StandIn, read_stand_in
@@ -185,16 +187,23 @@ class BootRom:
         if not image:
             self._fault("empty second stage", file=name)
             return STATUS_NO_IMAGE
-        program = read_stand_in(image)
+        program = read_stand_in(image) or genuine.second_stage(image)
         chip = self.env.model.chip_dir
         if program is None:
-            self._fault("not a stand-in second stage", file=name,
-                        reason="the virtual module cannot run real VideoCore code; use payloads.make_payload")
+            self._fault("not a second stage", file=name,
+                        reason="neither a stand-in (payloads.make_payload) nor shaped like Raspberry Pi's own")
+            return STATUS_REJECTED
+        if program.genuine and program.program not in PROGRAMS:
+            self._fault("a Raspberry Pi second stage of a kind not modelled", file=name, chip=program.chip,
+                        reason="the virtual module runs msd, mass-storage-gadget64 and recovery second stages")
             return STATUS_REJECTED
         if program.chip != chip or program.program not in PROGRAMS:
             self._fault("second stage for another chip", file=name, chip=chip,
                         made_for=f"{program.chip}/{program.program}")
             return STATUS_REJECTED
+        if program.genuine:
+            self.env.journal.record("stage", "genuine second stage", file=name, chip=program.chip,
+                                    program=program.program)
         self._program = program
         return STATUS_OK
 

@@ -36,9 +36,13 @@ MEMSYS_COUNT = {"2711": 9, "2712": 4}  # memsys00..08 / memsys00..03 in bootfile
 
 @dataclass(frozen=True)
 class StandIn:
+    """A program the virtual module can run: a stand-in's header, or a genuine file recognised by structure
+    (:mod:`hil.virtual.usb.genuine`)."""
+
     chip: str  # "2710" (BCM2835/2836/2837), "2711" or "2712": the per-chip folder name
     program: str
     name: str
+    genuine: bool = False
 
 
 def stand_in(chip: str, program: str, name: str, size: int) -> bytes:

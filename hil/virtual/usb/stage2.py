@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hil.virtual.eeprom import VirtualEeprom
+from hil.virtual.usb import genuine
 from hil.virtual.usb.descriptors import stage2_descriptors
 from hil.virtual.usb.device import Cancelled, ControlSetup, Stall, Unresponsive
 from hil.virtual.usb.payloads import MEMSYS_COUNT, StandIn, read_stand_in
@@ -53,8 +54,8 @@ class _PowerCut(Exception):
 
 
 class SecondStage:
-    """One enumeration of a stand-in second stage running ``program`` (msd, gadget or recovery); recovery
-    writes ``eeprom``, the module's SPI EEPROM (None: the module has none)."""
+    """One enumeration of a second stage running ``program`` (msd, gadget or recovery), a stand-in or a genuine
+    one recognised by structure; recovery writes ``eeprom``, the module's SPI EEPROM (None: the module has none)."""
 
     def __init__(self, env: DeviceEnv, program: StandIn, eeprom: VirtualEeprom | None = None):
         self.env = env
@@ -215,15 +216,17 @@ class SecondStage:
             self._fetch(name)
         start_name = "start.elf" if chip == "2710" else "start4.elf"
         start = self._fetch(start_name)
-        if start is None:
+        self_contained = self.program.genuine and chip != "2710"  # msd/bootcode4.bin is the MSD device itself
+        if start is None and not self_contained:
             self._done()
             return self._halt("no firmware", file=start_name)
         self._fetch("fixup.dat" if chip == "2710" else "fixup4.dat")
-        firmware = read_stand_in(start)
-        if firmware is None or firmware.program != "msd-firmware" or firmware.chip != chip:
+        firmware = read_stand_in(start or b"")
+        stand_in = firmware is not None and firmware.program == "msd-firmware" and firmware.chip == chip
+        if not (stand_in or self_contained or chip == "2710" and genuine.msd_firmware(start or b"")):
             self._done()
             return self._halt("not the msd firmware", file=start_name,
-                              reason="only stand-in msd firmware can run in the virtual module")
+                              reason="neither stand-in msd firmware nor shaped like usbboot's msd/start.elf")
         self._work(MSD_FIRMWARE_START)
         self._done()
         return Outcome("msd", leaves_bus=True)
@@ -236,16 +239,27 @@ class SecondStage:
         if missing:
             return self._halt("DDR init failed", missing=missing)
         self._work(DDR_INIT)
-        if self._fetch("bootmain") is None:
+        bootmain = self._fetch("bootmain")
+        if bootmain is None:
             return self._halt("no bootmain")
+        made = read_stand_in(bootmain)
+        if not (made and made.program == "bootmain" and made.chip == self.program.chip
+                or genuine.videocore_elf(bootmain)):
+            return self._halt("bootmain is not a program for this chip",
+                              reason="neither a stand-in bootmain nor a VideoCore ELF")
         self._work(BOOTMAIN_START)
         config = (self._fetch("config.txt") or b"").decode("ascii", "replace")
         if _settings(config).get("boot_ramdisk") != "1":
             self._done()
             return self._halt("config.txt lacks boot_ramdisk=1")
-        if self._fetch("boot.img") is None:
+        ramdisk = self._fetch("boot.img")
+        if ramdisk is None:
             self._done()
             return self._halt("no boot.img")
+        made = read_stand_in(ramdisk[:64])
+        if not (made and made.name == "boot.img" or genuine.fat_image(ramdisk)):
+            self._done()
+            return self._halt("boot.img is not a FAT image", reason="the bootloader cannot load it as a ramdisk")
         self._work(RAMDISK_BOOT)
         self._done()
         return Outcome("gadget", leaves_bus=True)
