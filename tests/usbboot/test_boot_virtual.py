@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,7 @@ from hil.virtual.timing import DeviceClock
 from hil.virtual.usb.payloads import make_payload
 from hil.virtual.usb.side import VirtualUsb
 from hil.virtual.usb.switches import UsbSwitches, default_switches
+from tests.genuine_shapes import gadget_folder, msd_folder, recovery_bin
 
 if "libumockdev-preload" not in os.environ.get("LD_PRELOAD", ""):
     pytest.skip("needs umockdev: run pytest under umockdev-wrapper", allow_module_level=True)
@@ -310,3 +315,88 @@ def test_cli_exit_codes_follow_the_fault(module: Callable[..., Module], payloads
     failure = json.loads(out.read_text())
     assert (failure["stage"], failure["fault"]) == ("usbboot.rom_transfer", "product")
     assert hil_main([*args, "--port", "7-6.3", "--payload", str(payloads / "msd"), "--timeout", "rom=0.2"]) == 3
+
+
+@pytest.fixture(scope="module")
+def genuine_payloads(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folders shaped like usbboot's own msd and mass-storage-gadget64 (tests/genuine_shapes.py)."""
+    root = tmp_path_factory.mktemp("genuine")
+    msd_folder(root)
+    gadget_folder(root)
+    return root
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+GENUINE_BOOTS = [("cm1", "msd", "0001"), ("cm3", "msd", "0001"), ("cm4", "msd", "0001"),
+                 ("cm4", "mass-storage-gadget64", "0104"), ("cm5", "mass-storage-gadget64", "0104")]
+
+
+@pytest.mark.parametrize(("name", "kind", "final_pid"), GENUINE_BOOTS)
+def test_raspberry_pis_own_payload_folders_boot_through_hil_usbboot(
+        module: Callable[..., Module], genuine_payloads: Path, tmp_path: Path, name: str, kind: str,
+        final_pid: str) -> None:
+    """The virtual module runs a genuine-shaped second stage as the payload it is: msd becomes the mass-storage
+    device 0a5c:0001, mass-storage-gadget64 boots boot.img and becomes the gadget 0a5c:0104."""
+    port = f"7-2.{GENUINE_BOOTS.index((name, kind, final_pid)) + 1}"
+    _, journal = module(name, port)
+    out = tmp_path / "result.json"
+    assert hil_main(["usbboot", "--port", port, "--payload", str(genuine_payloads / kind), "--model", name,
+                     "--settle", "0.01", "--timeout", "file_server=20", "--quiet", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["final_identity"]["pid"] == final_pid
+    genuine = [e.details for e in journal.events("stage") if e.what == "genuine second stage"]
+    assert [(g["chip"], g["program"]) for g in genuine] == [
+        (MODELS[name].chip_dir, "msd" if kind == "msd" else "gadget")]
+    assert not journal.events("fault")
+
+
+@pytest.mark.parametrize(("name", "kind", "final_pid"), GENUINE_BOOTS)
+def test_a_plain_libusb_client_that_closes_without_releasing_boots_them(
+        bus: UsbBus, module: Callable[..., Module], genuine_payloads: Path, name: str, kind: str,
+        final_pid: str) -> None:
+    """rpiboot's way with handles: each pass closes without libusb_release_interface, the next claims again."""
+    port = f"7-3.{GENUINE_BOOTS.index((name, kind, final_pid)) + 1}"
+    side, journal = module(name, port)
+    client = Path(__file__).with_name("plain_rpiboot.py")
+    done = subprocess.run([sys.executable, str(client), port, str(genuine_payloads / kind)], env=bus.child_env(),
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["status"] == 0 and got["chip"] == MODELS[name].chip_dir
+    if kind == "mass-storage-gadget64":
+        assert [n for n, _ in got["served"]][-1] == "boot.img"
+    assert wait_for(lambda: side.state == "mass-storage")
+    device = bus.port(port).attached
+    assert device is not None and f"{device.identity.vid:04x}:{device.identity.pid:04x}" == f"0a5c:{final_pid}"
+    assert not journal.events("fault")
+
+
+def test_genuine_shaped_recovery_flashes_the_eeprom(module: Callable[..., Module], payloads: Path,
+                                                    tmp_path: Path) -> None:
+    """recovery/: a recovery.bin-shaped bootcode4.bin runs the EEPROM flow and reports its metadata."""
+    folder = tmp_path / "recovery"
+    shutil.copytree(payloads / "recovery", folder)
+    (folder / "bootcode4.bin").write_bytes(recovery_bin("2711"))
+    _, journal = module("cm4", "7-4.1")
+    result = boot("7-4.1", folder, "cm4")
+    assert result.metadata["EEPROM_UPDATE"] == "success"
+    assert [e.details["program"] for e in journal.events("stage") if e.what == "genuine second stage"] == ["recovery"]
+
+
+def test_genuine_shaped_bytes_for_another_chip_or_kind_are_refused(module: Callable[..., Module],
+                                                                   genuine_payloads: Path, tmp_path: Path) -> None:
+    """A CM5 sent a 2711 second stage, or a second stage of no modelled kind, answers a non-zero status."""
+    _, journal = module("cm5", "7-4.2")
+    folder = tmp_path / "wrong"
+    folder.mkdir()
+    (folder / "bootcode5.bin").write_bytes((genuine_payloads / "msd" / "bootcode4.bin").read_bytes())
+    with pytest.raises(ProductError):
+        boot("7-4.2", folder, "cm5", timeouts={**TIMEOUTS, "rom_transfer": 1.0})
+    assert [e.what for e in journal.events("fault")][-1] == "second stage for another chip"

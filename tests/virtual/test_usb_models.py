@@ -32,6 +32,7 @@ from hil.virtual.usb.device import (
 from hil.virtual.usb.payloads import EEPROM_SIZE, eeprom_sig, make_payload, read_stand_in, stand_in
 from hil.virtual.usb.side import VirtualUsb
 from hil.virtual.usb.switches import DeviceEnv, UsbSwitches, default_switches, parse_switches
+from tests.genuine_shapes import second_stage as genuine_second_stage
 
 SPEEDUP = 1000.0
 EMMC = "/dev/loop-test"
@@ -233,6 +234,30 @@ def test_rom_rejects_other_chips_and_bytes_that_are_no_second_stage(tmp_path, jo
     assert send_bootcode(rom, cm4_image) == bootrom.STATUS_REJECTED
     assert send_bootcode(rom, b"\x7fELF" + bytes(60_000)) == bootrom.STATUS_REJECTED
     assert faults(journal) == ["second stage for another chip", "not a second stage"]
+
+
+@pytest.mark.parametrize("chip, kind, program", [("2710", "loader", "msd"), ("2711", "msd", "msd"),
+                                                 ("2711", "recovery", "recovery"), ("2712", "bootfiles", "gadget")])
+def test_rom_runs_a_genuine_shaped_second_stage_as_the_program_it_is(journal, chip, kind, program):
+    model = next(m for m in MODELS.values() if m.chip_dir == chip and m.name != "cm3")
+    rom = bootrom.BootRom(make_env(model, journal))
+    assert send_bootcode(rom, genuine_second_stage(chip, kind, 60_000)) == bootrom.STATUS_OK
+    result = rom.wait_result()
+    assert result is not None and result.program is not None
+    assert (result.program.chip, result.program.program, result.program.genuine) == (chip, program, True)
+
+
+def test_rom_refuses_genuine_shapes_it_cannot_run(journal):
+    """A genuine structure without the strings of a modelled kind, or with one zero byte less of header block
+    (code at 0x1ff), or without its product string, is refused."""
+    rom = bootrom.BootRom(make_env(MODELS["cm4"], journal))
+    image = genuine_second_stage("2711", "msd", 60_000)
+    no_kind = image.replace(b"USB-MSD", b"USB_XYZ").replace(b"Verify BOOT EEPROM", b"Verify BOOT XXXXXX")
+    assert send_bootcode(rom, no_kind) == bootrom.STATUS_REJECTED
+    assert send_bootcode(rom, image[:0x1FF] + b"\x01" + image[0x200:]) == bootrom.STATUS_REJECTED
+    assert send_bootcode(rom, image.replace("BCM2711 Boot".encode("utf-16-le"), bytes(24))) == bootrom.STATUS_REJECTED
+    assert faults(journal) == ["a Raspberry Pi second stage of a kind not modelled", "not a second stage",
+                               "not a second stage"]
 
 
 def test_rom_wrong_length_gives_bad_status_then_retry_works(tmp_path, journal):
