@@ -400,3 +400,16 @@ def test_genuine_shaped_bytes_for_another_chip_or_kind_are_refused(module: Calla
     with pytest.raises(ProductError):
         boot("7-4.2", folder, "cm5", timeouts={**TIMEOUTS, "rom_transfer": 1.0})
     assert [e.what for e in journal.events("fault")][-1] == "second stage for another chip"
+
+
+def test_a_boot_img_that_is_no_fat_image_is_not_booted(module: Callable[..., Module], genuine_payloads: Path,
+                                                       tmp_path: Path) -> None:
+    """The gadget's boot.img is a FAT image (rpi-make-boot-image); other bytes leave the module halted."""
+    folder = tmp_path / "mass-storage-gadget64"
+    shutil.copytree(genuine_payloads / "mass-storage-gadget64", folder)
+    (folder / "boot.img").write_bytes(bytes(512) + os.urandom(1024 * 1024))
+    side, journal = module("cm5", "7-4.3")
+    with pytest.raises(ProductError):
+        boot("7-4.3", folder, "cm5")
+    assert "boot.img is not a FAT image" in [e.what for e in journal.events("fault")]
+    assert side.state != "mass-storage"

@@ -4,7 +4,8 @@ The real payload binaries are Raspberry Pi's and not ours to ship, and the virtu
 VideoCore code anyway. A stand-in file starts with a header naming the chip family, the program and the
 file, then deterministic filler up to a realistic size, so transfers cost what real ones cost and any
 corruption on the way shows. The virtual boot ROM runs a stand-in second stage only for its own chip
-(see :mod:`hil.virtual.usb.bootrom`); a real bootcode is rejected there with a journal entry that says so.
+(see :mod:`hil.virtual.usb.bootrom`); Raspberry Pi's own files are recognised by their structure instead
+(:mod:`hil.virtual.usb.genuine`).
 """
 
 from __future__ import annotations
