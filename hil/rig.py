@@ -147,6 +147,20 @@ class Virtual:
 
 
 @dataclass(frozen=True)
+class Customise:
+    """``[customise]``: how the written image is prepared and logged into, as Raspberry Pi Imager's OS
+    customisation does it. The password itself never appears here: only where to find it."""
+
+    enabled: bool = True  # false: the image was prepared by its user (as --no-customise)
+    user: str = "hil"
+    password_env: str = "HIL_LOGIN_PASSWORD"  # the environment variable holding the login password
+    password_file: Path | None = None  # or a file holding it (owned by this user, not readable by others)
+    ssh: bool = False
+    uart: str = ""  # CM5: "uart10" (the debug header, its default console) or "uart0" (GPIO14/15)
+    bootloader_uart: bool = False  # the module's EEPROM config says BOOT_UART=1 (factory: 0)
+
+
+@dataclass(frozen=True)
 class Rig:
     name: str
     path: Path
@@ -162,6 +176,7 @@ class Rig:
     virtual: Virtual | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     power: Power = field(default_factory=Power)
+    customise: Customise = field(default_factory=lambda: Customise())
 
     @property
     def usb_port(self) -> str:
@@ -343,10 +358,11 @@ def _parse(file: Path, raw: dict[str, Any], check_devices: bool) -> Rig:
             _regex_check(b, f"forbidden[{i}]", pattern)
         forbidden = forbidden + tuple(extra_forbidden)
         b.done()
+    customise = _customise(top.table("customise"), model)
     top.done()
     return Rig(name=name, path=file, model=model, emmc_size=emmc_size, relays=relays, usb_ports=ports,
                payload=payload, console=console, timeouts=timeouts, markers=markers, forbidden=forbidden,
-               virtual=virtual, power=power)
+               virtual=virtual, power=power, customise=customise)
 
 
 def _regex(t: _Table, key: str) -> str:
@@ -538,6 +554,41 @@ def _controllers(t: _Table) -> dict[str, str]:
                          'write KIND-PROFILE, e.g. "xhci-lenient" or "ehci-strict"')
         found[port] = value
     return found
+
+
+_USER = re.compile(r"^[a-z][a-z0-9-]{0,30}$")  # Raspberry Pi's rule for userconf.txt names
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+UARTS = {"cm5": ("uart10", "uart0")}
+
+
+def _customise(t: _Table | None, model: ModuleModel) -> Customise:
+    if t is None:
+        return Customise(uart=UARTS.get(model.name, ("",))[0])
+    user = t.get("user", str, "hil")
+    if not _USER.match(user) or user == "root":
+        raise t.fail("user", f"{user!r} is not a user Raspberry Pi OS can create",
+                     "use lower-case letters, digits and hyphens, starting with a letter, at most 31, not root")
+    env = t.get("password_env", str, "HIL_LOGIN_PASSWORD")
+    if not _ENV_NAME.match(env):
+        raise t.fail("password_env", f"{env!r} is not an environment variable name", 'e.g. "HIL_LOGIN_PASSWORD"')
+    if "password" in t.data:
+        t.seen.add("password")
+        raise t.fail("password", "a password must not be written in a rig file",
+                     "put it in the environment variable password_env names, or in a file that password_file names")
+    file_s = t.get("password_file", str)
+    uarts = UARTS.get(model.name, ("",))
+    uart = t.get("uart", str, uarts[0])
+    if uart not in uarts:
+        raise t.fail("uart", f"a {model.name} has no console choice {uart!r}",
+                     f"use one of {', '.join(repr(u) for u in uarts)}" if uarts[0] else "remove uart")
+    bootloader_uart = t.get("bootloader_uart", bool, False)
+    if bootloader_uart and not model.has_eeprom:
+        raise t.fail("bootloader_uart", f"a {model.name} has no EEPROM bootloader", "remove bootloader_uart")
+    out = Customise(t.get("enabled", bool, True), user, env,
+                    (t.file.parent / file_s).resolve() if file_s else None, t.get("ssh", bool, False), uart,
+                    bootloader_uart)
+    t.done()
+    return out
 
 
 def describe(rig: Rig) -> str:

@@ -69,7 +69,7 @@ def lint_image(image: Image, model: ModuleModel) -> list[str]:
         return []
     first = head(image, SECTOR)
     try:
-        layout = read_layout(_Bytes(first, image.size))
+        layout = read_layout(LeadingBytes(first, image.size))
     except ProductError:
         return [f"the image has no MBR partition table; a {model.name} boots from a FAT32 partition at 4 MiB"]
     if not layout.partitions:
@@ -79,7 +79,7 @@ def lint_image(image: Image, model: ModuleModel) -> list[str]:
     return lint_layout(layout, _fat_kind(data, boot), model)
 
 
-class _Bytes(io.BytesIO):
+class LeadingBytes(io.BytesIO):
     """Some leading bytes of an image that say the whole image's size to the MBR reader."""
 
     def __init__(self, data: bytes, size: int | None):
