@@ -17,8 +17,10 @@ from hil.control.relays import RelayBank
 from hil.disk.discovery import wait_for_disk
 from hil.disk.guard import check_still_same, guard_disk
 from hil.errors import InputError
+from hil.flash import bootfacts, customise
+from hil.flash.bootfacts import read_boot_facts
 from hil.flash.cache import ImageCache
-from hil.flash.postcheck import check_partitions, lint_image, set_boot_options
+from hil.flash.postcheck import check_partitions, device_path, lint_image, set_boot_options
 from hil.flash.ranges import sparse_ranges, total
 from hil.flash.sources import Image, open_image
 from hil.flash.verify import verify_written
@@ -46,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cmdline", action="append", default=[], metavar="ARG",
                    help="set a kernel argument in cmdline.txt (repeatable)")
     p.add_argument("--no-cache", action="store_true", help="do not use or fill the decompressed-image cache")
+    p.add_argument("--no-customise", action="store_true",
+                   help="write the image as it is: no serial console, user, hostname or run token added (for images "
+                        "prepared by hand; also [customise] enabled = false)")
     p.set_defaults(func=_run)
 
 
@@ -116,6 +121,10 @@ def _run(args: argparse.Namespace) -> int:
     image = open_image(args.image, rig.emmc_size, bmap=args.bmap)
     for warning in lint_image(image, rig.model):
         print(f"hil: warning: {warning}", file=sys.stderr)
+    plan = None
+    if rig.customise.enabled and not args.no_customise:  # refused here, before anything is touched
+        customise.check_image(image)
+        plan = customise.plan(rig)
     size = human_size(image.size) if image.size is not None else "size known after decoding"
     print(f"image   {image.path} ({image.format}, {size}); {_plan_text(image)}")
     with contextlib.ExitStack() as stack:
@@ -154,4 +163,10 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"options config.txt {config or '-'}; cmdline.txt {args.cmdline or '-'}")
             print(f"check   p{parts.boot.index} {parts.boot_fat} boot at {parts.boot.start // 1024**2} MiB, "
                   f"p{parts.root.index} ext4 root: ok")
+            for change in customise.apply(guarded.fd, disk.node, parts.boot, plan) if plan else ():
+                print(f"custom  {change}")
+            facts = read_boot_facts(device_path(guarded.fd), rig.model.name, parts.boot, parts.root)
+            bootfacts.save(rig, facts)
+            if not facts.serial_console:
+                print(f"hil: warning: {facts.why_silent}; `hil boot` cannot confirm this image", file=sys.stderr)
     return 0

@@ -29,11 +29,13 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from hil.control.bootconfirm import BootRecord, confirm_boot
+from hil.control.bootconfirm import BootRecord, check_console, confirm_boot
 from hil.control.bootmode import BootMode, find_rom, wait_for_rom
 from hil.control.console import CommandResult, Console
 from hil.control.power import PowerSwitch, power_switch
 from hil.errors import HilError, InfrastructureError, InputError
+from hil.flash import bootfacts
+from hil.flash.bootfacts import BootFacts
 from hil.rig import Rig, runtime_dir
 from hil.usbboot.selection import Identity
 
@@ -150,6 +152,7 @@ class Lifecycle:
         self.rom: Identity | None = None
         self.usbboot: UsbBootResult | None = None
         self.flashed_build_id: str | None = None
+        self.flashed_facts: BootFacts | None = None  # what the image written here shows at boot
         self._state = ModuleState.OFF
         self._lock = lock or RigLock(rig)
         self._own_lock = lock is None
@@ -374,8 +377,11 @@ class Lifecycle:
     def boot(self, *, expect_build_id: str | None = None, login: bool = True) -> BootRecord:
         """Power-cycle with nRPI_BOOT released and prove over the console which build came up.
 
-        ``expect_build_id`` defaults to the build-id given to :meth:`flash`."""
+        ``expect_build_id`` defaults to the build-id given to :meth:`flash`; what the image shows at boot is
+        what this process flashed, else what the last ``hil flash`` of this rig recorded."""
         expected = expect_build_id or self.flashed_build_id
+        facts = self.flashed_facts or bootfacts.load(self.rig)
+        check_console(self.rig, facts)  # before power-on: a silent image cannot be confirmed
         target = ModuleState.LOGGED_IN if login else ModuleState.BOOTED
         if (self._state in (ModuleState.BOOTED, ModuleState.LOGGED_IN) and self.boots
                 and (expected is None or self.boots[-1].build_id == expected)
@@ -389,7 +395,7 @@ class Lifecycle:
             start = console.mark()
             self._power_on(usb_boot=False, target=target)
             record = confirm_boot(console, self.rig, powered_at=console.now(), expect_build_id=expected,
-                                  login=login, usb_fallback=self._rom_present, console_from=start)
+                                  login=login, usb_fallback=self._rom_present, console_from=start, facts=facts)
             self.boots.append(record)
             return record
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hil.errors import HilError, InputError, ProductError
+from hil.flash.bootfacts import TOKEN_FILE
 from hil.flash.postcheck import LeadingBytes, device_path, set_cmdline, set_config
 from hil.flash.sources import Image, head
 from hil.image import fat
@@ -33,7 +34,6 @@ from hil.image.tools import need, tool_env
 from hil.rig import Rig
 
 STAGE = "flash.customise"
-TOKEN_FILE = "hil-run-token.txt"
 BOOT_MOUNT = "/boot/firmware"  # where Raspberry Pi OS (Bookworm and later) mounts the boot partition
 _FAT_IDS = frozenset({0x01, 0x04, 0x06, 0x0B, 0x0C, 0x0E})
 

@@ -17,10 +17,12 @@ class BootConfig:
     """config.txt as the firmware of one model reads it: later lines win, other models' sections skipped."""
 
     values: dict[str, str]
+    dtparams: frozenset[str] = frozenset()  # every dtparam= value (they add up, unlike other keys)
 
     @classmethod
     def parse(cls, text: str, model: str) -> BootConfig:
         values: dict[str, str] = {}
+        dtparams: set[str] = set()
         active = True
         for raw in text.splitlines():
             line = raw.split("#", 1)[0].strip()
@@ -30,7 +32,9 @@ class BootConfig:
             elif active and "=" in line:
                 key, value = line.split("=", 1)
                 values[key.strip()] = value.strip()
-        return cls(values)
+                if key.strip() == "dtparam":
+                    dtparams.update(v.strip() for v in value.split(","))
+        return cls(values, frozenset(dtparams))
 
     def get(self, key: str, default: str = "") -> str:
         return self.values.get(key, default)

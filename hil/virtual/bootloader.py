@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Generator
+from dataclasses import dataclass
 
 from hil.image import fat
 from hil.image.bootfs import boot_files
 from hil.models import ModuleModel
 from hil.virtual.bootdisk import BootConfig, BootDisk
 from hil.virtual.bootlog import BootLog, Emit, NothingToBoot, Outcome, Stuck
-from hil.virtual.chips import Chip
+from hil.virtual.chips import CHIPS, Chip
 from hil.virtual.eeprom import Bootloader
 from hil.virtual.kernel import kernel, kernel_name
 
@@ -32,9 +33,38 @@ _EMPTY_MODES: dict[int, tuple[float, tuple[str, ...]]] = {
 }
 
 
+@dataclass(frozen=True)
+class Handover:
+    """The bootloader starts the kernel (``started`` hardware seconds on), with this config.txt."""
+
+    started: float
+    config: BootConfig
+
+
 def bootloader(model: ModuleModel, chip: Chip, disk: BootDisk, serial: int, eeprom: Bootloader) -> BootLog:
-    """CM4/CM5: the EEPROM bootloader, which reports every step and walks its BOOT_ORDER (forever, with
-    RESTART); a mode that finds nothing to boot hands over to the next."""
+    """CM4/CM5: the EEPROM bootloader, then the kernel it starts. It reports every step on the UART only
+    with BOOT_UART=1 (the factory config has 0); it walks its BOOT_ORDER (forever, with RESTART) and a mode
+    that finds nothing to boot hands over to the next."""
+    steps = _bootloader(model, chip, disk, serial, eeprom)
+    heard = eeprom.config.boot_uart and chip.serial0 == CHIPS[model.name].serial0  # CM5: on UART10 only
+    ended = yield from (steps if heard else _silent(steps))
+    if isinstance(ended, Handover):
+        return (yield from kernel(model, chip, disk, started=ended.started, config=ended.config))
+    return ended
+
+
+def _silent(steps: Generator[Emit, None, Outcome | Handover]) -> Generator[Emit, None, Outcome | Handover]:
+    """The same steps, taking the same time, with nothing on the UART (BOOT_UART=0)."""
+    while True:
+        try:
+            e = next(steps)
+        except StopIteration as end:
+            return end.value
+        yield Emit(e.delay, "", None)
+
+
+def _bootloader(model: ModuleModel, chip: Chip, disk: BootDisk, serial: int,
+                eeprom: Bootloader) -> Generator[Emit, None, Outcome | Handover]:
     yield Emit(0.35, f"RPi: BOOTLOADER release VERSION:{eeprom.version} DATE: {eeprom.date}\n")
     yield Emit(0.02, f"BOOTMODE: 0x06 partition 0 build-ts BUILD_TIMESTAMP={eeprom.timestamp} serial {serial:08x} "
                      f"boardrev {chip.boardrev} stc {400000 + serial % 90000}\n")
@@ -52,7 +82,7 @@ def bootloader(model: ModuleModel, chip: Chip, disk: BootDisk, serial: int, eepr
             if mode == 0xE:
                 return Stuck("BOOT_ORDER says STOP")
             if mode in (0x0, 0x1):  # SD CARD DETECT tries the card (the eMMC) just the same
-                outcome = yield from _sd_mode(model, chip, disk)
+                outcome: Outcome | NothingToBoot | Handover = yield from _sd_mode(model, chip, disk)
                 if not isinstance(outcome, NothingToBoot):
                     return outcome
                 continue
@@ -61,7 +91,8 @@ def bootloader(model: ModuleModel, chip: Chip, disk: BootDisk, serial: int, eepr
                 yield Emit(seconds if n == len(lines) - 1 else 0.02, line + "\n")
 
 
-def _sd_mode(model: ModuleModel, chip: Chip, disk: BootDisk) -> Generator[Emit, None, Outcome | NothingToBoot]:
+def _sd_mode(model: ModuleModel, chip: Chip,
+             disk: BootDisk) -> Generator[Emit, None, Outcome | NothingToBoot | Handover]:
     """Boot mode SD (the eMMC on a CM); with nothing to boot on it, the bootloader tries its next mode."""
     yield Emit(0.02, "SD HOST: 200000000 CTL0: 0x00800000 BUS: 400000 Hz actual: 390625 HZ div: 512 (256) "
                      "status: 0x1fff0000 delay: 276\n")
@@ -101,11 +132,11 @@ def _sd_mode(model: ModuleModel, chip: Chip, disk: BootDisk) -> Generator[Emit, 
     yield Emit(0.02, f"0x00{chip.boardrev} 0x00000000 0x00000fff\nMEM GPU: 76 ARM: 948 TOTAL: 1024\n")
     yield Emit(0.01, "Firmware: 82f3750a65fadae9a38077e3c2e217ad158c8d54 Mar 17 2023 10:50:39\n")
     yield Emit(0.01, f"Starting {files.firmware[0]} @ 0xfec00200 partition 0\n")
-    return (yield from kernel(model, chip, disk, started=1.6, config=config))
+    return Handover(1.6, config)
 
 
 def _load_kernel_from_bootloader(model: ModuleModel, chip: Chip, disk: BootDisk,
-                                 config: BootConfig) -> Generator[Emit, None, Outcome | NothingToBoot]:
+                                 config: BootConfig) -> Generator[Emit, None, Outcome | NothingToBoot | Handover]:
     name = kernel_name(model, chip, config)
     data = disk.boot_file(name)
     if data is None:
@@ -116,7 +147,7 @@ def _load_kernel_from_bootloader(model: ModuleModel, chip: Chip, disk: BootDisk,
     dtb = config.get("device_tree", boot_files(model.name).dtb)
     yield Emit(0.02, f"Loaded '{dtb}' to 0x2efec100 size 0x{len(disk.boot_file(dtb) or b''):x}\n")
     yield Emit(0.05, "Starting OS 1814 ms\n")
-    return (yield from kernel(model, chip, disk, started=0.3, config=config))
+    return Handover(0.3, config)
 
 
 

@@ -10,10 +10,11 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hil.image import ext4
+from hil.image import ext4, fat
 from hil.image.mbr import Partition
 
 BOOTLOADER_BAUD = 115200  # the EEPROM bootloader's BOOT_UART rate
+BOOT_MOUNT = "/boot/firmware"  # where Raspberry Pi OS mounts the boot partition
 
 @dataclass(frozen=True)
 class Emit:
@@ -47,11 +48,14 @@ class System:
     issue: str  # /etc/issue, escapes expanded
     show_status: bool  # systemd's status lines reach the UART (it is /dev/console, not quiet)
     proc: dict[str, bytes] = field(default_factory=dict)  # files that exist only at run time
+    boot: Partition | None = None  # the FAT boot partition, mounted at /boot/firmware
 
     def read(self, path: str) -> bytes | None:
-        """A file of the running system, read from the eMMC now (the root filesystem or /proc)."""
+        """A file of the running system, read from the eMMC now (the root filesystem, /boot/firmware, /proc)."""
         if path in self.proc:
             return self.proc[path]
+        if path.startswith(BOOT_MOUNT + "/") and self.boot is not None:
+            return fat.read_file(self.image, self.boot, path[len(BOOT_MOUNT) + 1:])
         return ext4.read_file(self.image, self.root, path)
 
 

@@ -40,8 +40,9 @@ FACTORY = {"cm4": Release("8ba17717", "2024/04/15 TIME: 13:12:14", 1713186734),
 LATEST = {"cm4": Release("d1a9d3ea", "2025/05/08 TIME: 15:16:42", 1746713802),
           "cm5": Release("4b3b5f3c", "2025/10/17 TIME: 12:21:05", 1760703665)}
 #: boot.conf as shipped (factory) and as usbboot's recovery/ and recovery5/ folders carry it.
-FACTORY_CONFIG = {"cm4": "[all]\nBOOT_UART=1\nWAKE_ON_GPIO=1\nPOWER_OFF_ON_HALT=0\nBOOT_ORDER=0xf25641\n",
-                  "cm5": "[all]\nBOOT_UART=1\nPOWER_OFF_ON_HALT=1\nBOOT_ORDER=0xf2461\n"}
+#: The factory config has BOOT_UART=0: a CM4/CM5 bootloader says nothing on the UART until it is configured.
+FACTORY_CONFIG = {"cm4": "[all]\nBOOT_UART=0\nWAKE_ON_GPIO=1\nPOWER_OFF_ON_HALT=0\nBOOT_ORDER=0xf25641\n",
+                  "cm5": "[all]\nBOOT_UART=0\nPOWER_OFF_ON_HALT=1\nBOOT_ORDER=0xf2461\n"}
 RECOVERY_CONFIG = {"cm4": "[all]\nBOOT_UART=1\nWAKE_ON_GPIO=0\nPOWER_OFF_ON_HALT=0\nBOOT_ORDER=0xf25641\n"
                           "ENABLE_SELF_UPDATE=1\n",
                    "cm5": "[all]\nBOOT_UART=1\nPOWER_OFF_ON_HALT=1\nBOOT_ORDER=0xf2461\nENABLE_SELF_UPDATE=1\n"}
@@ -67,7 +68,7 @@ class VirtualEeprom:
     """One module's EEPROM. ``path`` None keeps it in memory only (a module model used on its own)."""
 
     def __init__(self, model: ModuleModel, path: Path | None, journal: Journal,
-                 write_protect_pin: Callable[[], bool] = lambda: False):
+                 write_protect_pin: Callable[[], bool] = lambda: False, *, boot_uart: bool = False):
         self.model = model
         self.path = path
         self.journal = journal
@@ -76,7 +77,9 @@ class VirtualEeprom:
         self.writing = threading.Event()  # set while an update erases and programs
         data = path.read_bytes() if path is not None and path.exists() else b""
         if not data:
-            data = release_image(model, FACTORY[model.name], FACTORY_CONFIG[model.name])
+            config = FACTORY_CONFIG[model.name]  # a rig that says BOOT_UART=1 has had its module configured so
+            data = release_image(model, FACTORY[model.name],
+                                 config.replace("BOOT_UART=0", "BOOT_UART=1") if boot_uart else config)
             self._save(data)
         self._data = bytearray(data)
         self._status_path = path.with_name("eeprom-status.json") if path is not None else None

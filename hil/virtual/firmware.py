@@ -17,6 +17,7 @@ reads), :mod:`hil.virtual.chips` (per-model facts) and :mod:`hil.virtual.bootlog
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from hil.image.bootfs import boot_files
@@ -33,11 +34,16 @@ __all__ = ["BOOTLOADER_BAUD", "CHIPS", "BootConfig", "BootDisk", "BootLog", "Boo
            "serial_number"]
 
 
-def boot(model: ModuleModel, image: Path, serial: int, eeprom: Bootloader | None = None) -> BootLog:
+def boot(model: ModuleModel, image: Path, serial: int, eeprom: Bootloader | None = None, *,
+         uart: str = "") -> BootLog:
     """The UART output of one boot from the eMMC image at ``image``; returns how the boot ends.
 
-    ``eeprom`` is the bootloader a CM4/CM5's EEPROM holds (None: no valid one, e.g. after a torn update)."""
+    ``eeprom`` is the bootloader a CM4/CM5's EEPROM holds (None: no valid one, e.g. after a torn update).
+    ``uart``: the UART the console is wired to where a model has a choice (CM5: "uart10", the debug header
+    and its default console, or "uart0" on GPIO14/15); what goes to the other UART is not seen."""
     chip = CHIPS[model.name]
+    if uart == "uart0" and model.name == "cm5":
+        chip = replace(chip, serial0="ttyAMA0")
     disk = BootDisk(image)
     if not model.has_eeprom and model.name != "cm5":
         return (yield from _gpu_boot(model, chip, disk))

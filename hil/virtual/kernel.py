@@ -17,7 +17,8 @@ from hil.image.mbr import DiskLayout, Partition, partuuid
 from hil.models import ModuleModel
 from hil.virtual.bootdisk import BootConfig, BootDisk
 from hil.virtual.bootlog import BootLog, Emit, Reboot, Stuck, System
-from hil.virtual.chips import Chip
+from hil.virtual.chips import CHIPS, Chip
+from hil.virtual.firstboot import first_boot
 
 MMC_MAJOR = 179
 
@@ -57,7 +58,10 @@ def kernel(model: ModuleModel, chip: Chip, disk: BootDisk, *, started: float,
         bits = "64" if arm64 else "32"
         return Stuck(f"{kernel_file} missing or not a {bits}-bit kernel, or no device tree")
     cmdline_data = disk.boot_file(config.get("cmdline", "cmdline.txt")) or b""
-    args = kernel_args(cmdline_data.decode("utf-8", "replace").split("\n", 1)[0].strip(), chip.serial0)
+    # serial0 is the UART the firmware names so; on a CM5 that is UART10 (the debug header) unless
+    # dtparam=uart0_console moves it to GPIO14/15. chip.serial0 is the UART the rig's adapter is wired to.
+    serial0 = "ttyAMA0" if model.name == "cm5" and "uart0_console" in config.dtparams else CHIPS[model.name].serial0
+    args = kernel_args(cmdline_data.decode("utf-8", "replace").split("\n", 1)[0].strip(), serial0)
     serial_tty, baud = _serial_console(args, chip)
     if not config.flag("enable_uart"):
         serial_tty = None  # the UART pins are not set up: the kernel's console output goes nowhere
@@ -118,6 +122,8 @@ def kernel(model: ModuleModel, chip: Chip, disk: BootDisk, *, started: float,
         except HilError:
             return None
 
+    for done in first_boot(disk.image, disk.boot, root):  # before the root is remounted read-write: close enough
+        yield log.line(0.0, f"firstboot: {done}", 5)
     hostname = (read("/etc/hostname") or b"localhost").decode("utf-8", "replace").strip() or "localhost"
     os_release = _os_release(read("/etc/os-release") or b"")
     pretty = os_release.get("PRETTY_NAME", "Linux")
@@ -154,7 +160,7 @@ def kernel(model: ModuleModel, chip: Chip, disk: BootDisk, *, started: float,
     issue = re.sub(r"\\(.)", lambda m: escapes.get(m.group(1), ""), issue_raw.decode("utf-8", "replace"))
     yield Emit(max(0.5, 9.0 - log.now), "", None)  # services start; getty comes last
     return System(disk.image, root, hostname, serial_tty, baud, release, version, machine, issue,
-                  console_is_serial and log.loglevel > 4, proc)
+                  console_is_serial and log.loglevel > 4, proc, boot=disk.boot)
 
 
 def _panic(log: _KernelLog, args: list[tuple[str, str | None]], disk: BootDisk, root_arg: str, block: str,

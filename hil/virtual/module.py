@@ -101,7 +101,8 @@ class VirtualModule:
         self._qemu_alive = threading.Lock()  # held while a QEMU runs
         if self._qemu:
             qemu.check_host()
-        self.eeprom = eeprom or (VirtualEeprom(rig.model, None, journal, lambda: self.eeprom_write_protected)
+        self.eeprom = eeprom or (VirtualEeprom(rig.model, None, journal, lambda: self.eeprom_write_protected,
+                                               boot_uart=rig.customise.bootloader_uart)
                                  if rig.model.has_eeprom else None)
         console.on_receive(self._received)
 
@@ -253,7 +254,8 @@ class VirtualModule:
             return self._boot_qemu(session)
         started = time.monotonic()
         log = firmware.boot(self.rig.model, self.emmc.image_path, self._serial,
-                            self.eeprom.bootloader() if self.eeprom is not None else None)
+                            self.eeprom.bootloader() if self.eeprom is not None else None,
+                            uart=self.rig.customise.uart)
         try:
             while True:
                 if not self._emit(session, next(log)):

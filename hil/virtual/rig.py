@@ -56,7 +56,8 @@ class VirtualRig:
         self.emmc = VirtualEmmc(rig.virtual.state_dir / "emmc.img", rig.emmc_size, rig.virtual.emmc, self.journal)
         self.console = VirtualConsole.for_rig(rig, self.clock, self.journal)
         self.eeprom = VirtualEeprom(rig.model, rig.virtual.state_dir / "eeprom.bin", self.journal,
-                                    lambda: self.module.eeprom_write_protected) if rig.model.has_eeprom else None
+                                    lambda: self.module.eeprom_write_protected,
+                                    boot_uart=rig.customise.bootloader_uart) if rig.model.has_eeprom else None
         self.module = VirtualModule(rig, self.emmc, self.console, self.clock, self.journal, self.eeprom)
         self._opened: list[object] = []
 

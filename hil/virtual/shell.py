@@ -10,10 +10,12 @@ from __future__ import annotations
 import posixpath
 import re
 import shlex
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hil.errors import HilError, InputError
+from hil.image.tools import tool_env
 from hil.virtual.firmware import Emit, System
 
 _VARIABLE = re.compile(r"\$(\?|[A-Za-z_][A-Za-z0-9_]*|\{[A-Za-z_][A-Za-z0-9_]*\})")
@@ -68,6 +70,7 @@ class Shell:
         self._uptime = uptime  # kernel time, for the kernel's own lines at shutdown
         self._mode = "login"  # "login", "password" or "shell"
         self._status = 0
+        self._user = "root"  # who logs in, then who is logged in
 
     @property
     def logged_in(self) -> bool:
@@ -86,6 +89,8 @@ class Shell:
         if self._mode == "login":
             return self._login(line)
         if self._mode == "password":
+            if _password_matches(line, self._password_field(self._user)):
+                return self._logged_in()
             self._mode = "login"
             return Reply([self._say(2.5, "\nLogin incorrect\n"), *self.getty()])
         if line == "\x03":
@@ -99,15 +104,19 @@ class Shell:
         user = line.strip()
         if not user or user == "\x03":
             return Reply([self._say(0.0, f"{self.system.hostname} login: ")])
-        if user == "root" and self._password_field("root") == "":
-            self._mode = "shell"
-            self._status = 0
-            motd = self._file("/etc/motd") or ""
-            s = self.system
-            banner = f"Linux {s.hostname} {s.release} {s.version} {s.machine}\n\n{motd}"
-            return Reply([self._say(0.4, banner), self._say(0.05, self._prompt())])
-        self._mode = "password"
+        self._user = user
+        if self._password_field(user) == "":  # an empty password field: no password asked
+            return self._logged_in()
+        self._mode = "password"  # also for a locked or unknown account (*, !): no password will do
         return Reply([self._say(0.05, "Password: ")])
+
+    def _logged_in(self) -> Reply:
+        self._mode = "shell"
+        self._status = 0
+        motd = self._file("/etc/motd") or ""
+        s = self.system
+        banner = f"Linux {s.hostname} {s.release} {s.version} {s.machine}\n\n{motd}"
+        return Reply([self._say(0.4, banner), self._say(0.05, self._prompt())])
 
     def _password_field(self, user: str) -> str | None:
         for name in ("/etc/shadow", "/etc/passwd"):
@@ -127,7 +136,7 @@ class Shell:
     # -- the shell -------------------------------------------------------------------------------
 
     def _prompt(self) -> str:
-        return f"root@{self.system.hostname}:~# "
+        return f"{self._user}@{self.system.hostname}:~{'#' if self._user == 'root' else '$'} "
 
     def _run(self, line: str) -> Reply:
         try:
@@ -162,7 +171,7 @@ class Shell:
         return Reply([self._say(0.01, "".join(output) + self._prompt())])
 
     def _expand(self, word: str) -> str:
-        env = {"?": str(self._status), "HOSTNAME": self.system.hostname, "USER": "root", "HOME": HOME,
+        env = {"?": str(self._status), "HOSTNAME": self.system.hostname, "USER": self._user, "HOME": self._home(),
                "SHELL": "/bin/bash"}
         return _VARIABLE.sub(lambda m: env.get(m.group(1).strip("{}"), ""), word)
 
@@ -183,6 +192,10 @@ class Shell:
         if name == "echo":
             newline = not (args and args[0] == "-n")
             return " ".join(args[0 if newline else 1:]) + ("\n" if newline else ""), None
+        if name == "id" and args == ["-un"]:
+            return self._user + "\n", None
+        if name == "sudo":
+            return self._sudo(args)
         if name == "hostname":
             return self.system.hostname + "\n", None
         if name == "uname":
@@ -191,6 +204,25 @@ class Shell:
             return self._cat(args), None
         self._status = 127
         return f"-bash: {name}: command not found\n", None
+
+    def _home(self) -> str:
+        return HOME if self._user == "root" else f"/home/{self._user}"
+
+    def _sudo(self, args: list[str]) -> tuple[str, str | None]:
+        """Root for members of the sudo group (the first user's sudoers entry needs no password)."""
+        members = next((line.split(":")[-1].split(",") for line in (self._file("/etc/group") or "").splitlines()
+                        if line.startswith("sudo:")), [])
+        if self._user != "root" and self._user not in members:
+            self._status = 1
+            return f"{self._user} is not in the sudoers file.\n", None
+        if not args:
+            self._status = 1
+            return "usage: sudo command\n", None
+        user, self._user = self._user, "root"
+        try:
+            return self._command(args)
+        finally:
+            self._user = user
 
     def _uname(self, args: list[str]) -> str:
         s = self.system
@@ -208,7 +240,7 @@ class Shell:
     def _cat(self, args: list[str]) -> str:
         out = []
         for arg in args:
-            path = posixpath.normpath(posixpath.join(HOME, arg))
+            path = posixpath.normpath(posixpath.join(self._home(), arg))
             try:
                 data = self.system.read(path)
             except InputError as e:
@@ -229,7 +261,7 @@ class Shell:
         """systemd stops everything (its lines only where it reports), then the kernel's last word."""
         emits = [self._say(0.01, before)]
         if self.system.show_status:
-            for unit in ("Session 1 of User root", "OpenBSD Secure Shell server",
+            for unit in (f"Session 1 of User {self._user}", "OpenBSD Secure Shell server",
                          f"Serial Getty on {self.system.tty}", "Journal Service"):
                 emits.append(self._say(0.3, f"[  OK  ] Stopped {unit}.\n"))
             emits.append(self._say(0.3, f"[  OK  ] Reached target {action}.target - "
@@ -241,3 +273,15 @@ class Shell:
 
     def _say(self, delay: float, text: str) -> Emit:
         return Emit(delay, text, self.system.baud)
+
+
+def _password_matches(password: str, field: str | None) -> bool:
+    """``password`` against a crypt(3) SHA-512 field (``$6$salt$hash``); "*", "!..." and others never match."""
+    if not field or not field.startswith("$6$") or field.count("$") < 3:
+        return False
+    salt = field.split("$")[2]
+    if salt.startswith("rounds="):
+        return False  # not made by openssl passwd -6, which the project's customisation uses
+    proc = subprocess.run(["openssl", "passwd", "-6", "-salt", salt, "-stdin"], input=password.encode(),
+                          capture_output=True, env=tool_env(), check=False)
+    return proc.returncode == 0 and proc.stdout.decode().strip() == field
