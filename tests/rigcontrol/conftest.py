@@ -10,6 +10,7 @@ import pytest
 from hil.control.lifecycle import Lifecycle
 from hil.hostenv import umockdev_active
 from hil.image.build import BuiltImage, ImageSpec, build_image
+from hil.models import MODELS
 from hil.rig import Rig, load_rig
 from hil.virtual.rig import VirtualRig
 from tests.rigfiles import virtual_rig_toml
@@ -33,9 +34,13 @@ def make_rig(tmp_path: Path) -> Callable[..., Rig]:
 
     def make(model: str, extra: str = "", name: str | None = None, timeouts: dict[str, float] | None = None) -> Rig:
         path = tmp_path / f"{name or model}.toml"
+        # CM4/CM5 modules here were configured with BOOT_UART=1 (their factory config has 0), so the bootloader
+        # milestone and its failures can be tested
+        uart = "[customise]\nbootloader_uart = true\n" if MODELS[model].has_eeprom and "[customise]" not in extra else ""
         path.write_text(virtual_rig_toml(name or f"rc-{model}", model, PORTS[model],
                                          state_dir=tmp_path / f"state-{name or model}", off_time=0.1, baud=115200,
-                                         timeouts={**TIMEOUTS, **(timeouts or {})}, loop_device=False, extra=extra))
+                                         timeouts={**TIMEOUTS, **(timeouts or {})}, loop_device=False,
+                                         extra=uart + extra))
         return load_rig(path)
 
     return make

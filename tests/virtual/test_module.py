@@ -131,7 +131,9 @@ def bench(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[
         assert rig.virtual is not None
         virtual = dataclasses.replace(rig.virtual, speedup=speedup, state_dir=tmp_path / "state",
                                       emmc=dataclasses.replace(rig.virtual.emmc, loop_device=False))
-        made.append(Bench(dataclasses.replace(rig, virtual=virtual), tmp_path))
+        # configured with BOOT_UART=1 (the factory config has 0), so the bootloader's own behaviour shows
+        customise = dataclasses.replace(rig.customise, bootloader_uart=rig.model.has_eeprom)
+        made.append(Bench(dataclasses.replace(rig, virtual=virtual, customise=customise), tmp_path))
         return made[-1]
 
     yield make
