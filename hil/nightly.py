@@ -137,6 +137,18 @@ def default_history() -> Path:
     return reports_root() / HISTORY_FILE
 
 
+def check_images_for_real_rigs(rigs: list[Rig], images: list[str]) -> None:
+    """A real rig needs a real image: the test image built here is a stand-in no firmware can boot, and its
+    failure would be blamed on the module. Refused before anything is touched (InputError)."""
+    given = {i.split("=", 1)[0] if "=" in i.split("/")[0] else "" for i in images}
+    for rig in rigs:
+        if rig.virtual is None and "" not in given and rig.model.name not in given:
+            raise InputError(f"rig {rig.name} is a real rig and no image is given for its {rig.model.name}: the "
+                             "stand-in test image has no firmware or kernel a real module can boot. Fix: pass --image "
+                             f"IMAGE (or --image {rig.model.name}=IMAGE), e.g. a Raspberry Pi OS Lite image",
+                             stage="nightly")
+
+
 def run_nightly(rig_paths: list[str], *, images: list[str] | None = None, payloads: list[str] | None = None,
                 report_dir: Path | None = None, single_file: bool = False,
                 extra: list[str] | None = None, history: Path | None = None,
@@ -147,6 +159,7 @@ def run_nightly(rig_paths: list[str], *, images: list[str] | None = None, payloa
     if history_limit < 1:
         raise InputError(f"--history-limit {history_limit}: keep at least 1 run", stage="nightly")
     rigs = load_rigs(rig_paths)
+    check_images_for_real_rigs(rigs, images or [])
     report = (report_dir or default_report_dir()).resolve()
     report.mkdir(parents=True, exist_ok=True)
     results, junit = report / "allure-results", report / "junit.xml"

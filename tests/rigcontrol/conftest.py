@@ -36,7 +36,8 @@ def make_rig(tmp_path: Path) -> Callable[..., Rig]:
         path = tmp_path / f"{name or model}.toml"
         # CM4/CM5 modules here were configured with BOOT_UART=1 (their factory config has 0), so the bootloader
         # milestone and its failures can be tested
-        uart = "[customise]\nbootloader_uart = true\n" if MODELS[model].has_eeprom and "[customise]" not in extra else ""
+        configured = MODELS[model].has_eeprom and "[customise]" not in extra
+        uart = "[customise]\nbootloader_uart = true\n" if configured else ""
         path.write_text(virtual_rig_toml(name or f"rc-{model}", model, PORTS[model],
                                          state_dir=tmp_path / f"state-{name or model}", off_time=0.1, baud=115200,
                                          timeouts={**TIMEOUTS, **(timeouts or {})}, loop_device=False,
