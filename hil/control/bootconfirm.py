@@ -38,7 +38,7 @@ FATAL: tuple[tuple[str, str], ...] = (
      "the kernel cannot mount its root filesystem: check root= in cmdline.txt against the partitions"),
     (r"Filesystem not found[^\n]*",
      "the bootloader found no boot filesystem on the eMMC: it is blank or the image is damaged"),
-    (r"Boot mode: (\S+) \(\w+\)[^\n]*\n(?:[^\n]*\n)*?Boot mode: \1 \(\w+\)[^\n]*",
+    (r"Boot mode: (?P<mode>\S+) \(\w+\)[^\n]*\n(?:[^\n]*\n)*?Boot mode: (?P=mode) \(\w+\)[^\n]*",
      "the bootloader went through its whole BOOT_ORDER and starts again: nothing it can boot"),
     (r"Firmware not found[^\n]*|Error -2 opening start[^\n]*",
      "the firmware (start*.elf) is missing from the boot partition"),
