@@ -39,11 +39,26 @@ def test_power_cycle_boots_the_flashed_image(station: RigStation, flashed: Flash
         assert record.build_id == flashed.build_id
 
 
-def test_boot_milestones_in_order_and_in_time(booted: BootRecord, rig: Rig) -> None:
-    expected = [name for name, _ in boot_markers(rig)]
+def test_boot_milestones_in_order_and_in_time(booted: BootRecord, rig: Rig, flashed: FlashRecord) -> None:
+    expected = [name for name, _ in boot_markers(rig, flashed.facts)]
     seen = [name for name in booted.markers if name in expected]
     assert seen == expected
     times = [booted.markers[name] for name in seen]
     assert times == sorted(times)
     for name in seen:
         assert booted.markers[name] <= rig.timeouts.get(name, rig.timeouts["login"])
+
+
+def test_the_booted_system_is_the_flashed_image(booted: BootRecord, flashed: FlashRecord) -> None:
+    """The run's token (written at flash time), the OS and the root partition identify what booted."""
+    facts = flashed.facts
+    allure.attach("\n".join(f"{k}: {v}" for k, v in booted.identity.items()) or "(nothing read)",
+                  name="identity", attachment_type=allure.attachment_type.TEXT)
+    if facts is None:
+        pytest.skip("nothing is known about the flashed image's boot")
+    if facts.token:
+        assert booted.identity.get("token") == facts.token
+    if facts.pretty_name:
+        assert booted.identity.get("PRETTY_NAME") == facts.pretty_name
+    if facts.root_partuuid and booted.identity.get("root", "").startswith("PARTUUID="):
+        assert booted.identity["root"] == f"PARTUUID={facts.root_partuuid}"

@@ -80,7 +80,10 @@ def _boot(args: argparse.Namespace) -> int:
         print(json.dumps(record.to_dict(), indent=1))
     else:
         times = ", ".join(f"{name} {t:.2f} s" for name, t in record.markers.items())
-        print(f"{record.rig}: booted build-id {record.build_id} ({times} after power-on); log {record.log}")
+        what = f"build-id {record.build_id}" if record.build_id else "an image without /etc/build-id"
+        print(f"{record.rig}: booted {what} ({times} after power-on); log {record.log}")
+        for key, value in record.identity.items():
+            print(f"  {key}: {value}")
     return 0
 
 
