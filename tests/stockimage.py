@@ -20,6 +20,10 @@ MIB = 1024**2
 BOOT_START, BOOT_SIZE, SIZE = 4 * MIB, 40 * MIB, 96 * MIB
 PRETTY_NAME = "Debian GNU/Linux 12 (bookworm)"
 VERSION_ID = "12"
+#: Trixie (Debian 13) images configure their first boot with cloud-init: these files sit on the boot partition.
+TRIXIE_PRETTY_NAME = "Debian GNU/Linux 13 (trixie)"
+CLOUD_INIT = {"user-data": "#cloud-config\n", "meta-data": "instance-id: rpios-image\n",
+              "network-config": "version: 2\n"}
 ISSUE_TXT = "Raspberry Pi reference 2024-11-19\nGenerated using pi-gen, https://github.com/RPi-Distro/pi-gen, " \
             "891df1e21ed2b6099a2e6a13e26c91dea44b34d4, stage2\n"
 
@@ -49,7 +53,7 @@ def cmdline_txt(disk_id: int) -> str:
             "rootwait quiet init=/usr/lib/raspberrypi-sys-mods/firstboot\n")
 
 
-def build_stock_image(out: Path, model: str, *, disk_id: int = 0x5E3DA4A7) -> StockImage:
+def build_stock_image(out: Path, model: str, *, disk_id: int = 0x5E3DA4A7, trixie: bool = False) -> StockImage:
     work = out.with_name(out.name + ".d")
     boot, root = work / "boot", work / "root"
     for d in (boot, root / "etc", root / "home", root / "root"):
@@ -62,9 +66,13 @@ def build_stock_image(out: Path, model: str, *, disk_id: int = 0x5E3DA4A7) -> St
     (boot / "config.txt").write_text(config_txt(model))
     (boot / "cmdline.txt").write_text(cmdline_txt(disk_id))
     (boot / "issue.txt").write_text(ISSUE_TXT)
+    for name, text in CLOUD_INIT.items() if trixie else ():
+        (boot / name).write_text(text)
     etc = root / "etc"
-    (etc / "os-release").write_text(f'PRETTY_NAME="{PRETTY_NAME}"\nNAME="Debian GNU/Linux"\nVERSION_ID="{VERSION_ID}"'
-                                     '\nVERSION="12 (bookworm)"\nVERSION_CODENAME=bookworm\nID=debian\n')
+    pretty, version, codename = (TRIXIE_PRETTY_NAME, "13", "trixie") if trixie else (PRETTY_NAME, VERSION_ID,
+                                                                                     "bookworm")
+    (etc / "os-release").write_text(f'PRETTY_NAME="{pretty}"\nNAME="Debian GNU/Linux"\nVERSION_ID="{version}"'
+                                     f'\nVERSION="{version} ({codename})"\nVERSION_CODENAME={codename}\nID=debian\n')
     (etc / "hostname").write_text("raspberrypi\n")
     (etc / "issue").write_text("Debian GNU/Linux 12 \\n \\l\n\n")
     (etc / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")

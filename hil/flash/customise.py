@@ -10,6 +10,9 @@ partition, and this module writes exactly that, without mounting (mtools through
   says; the password comes from an environment variable or a file the rig file names, and goes nowhere else;
 - ``custom.toml``: ``[system] hostname`` (read by raspberrypi-sys-mods' firstboot/init_config), the rig's name;
 - ``ssh``: an empty file enables the SSH server (optional);
+- on an image that uses cloud-init (Raspberry Pi OS Trixie has ``user-data`` and ``meta-data`` on its boot
+  partition), also ``user-data`` with the same user and hostname and a new ``meta-data`` instance-id, as
+  Imager 2 writes them;
 - ``hil-run-token.txt``: a token fresh for each flash, which the booted system shows under /boot/firmware.
 
 Each change is returned as data (file and what changed; never the password or its hash), for the report.
@@ -17,6 +20,7 @@ Each change is returned as data (file and what changed; never the password or it
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import stat
@@ -35,6 +39,9 @@ from hil.rig import Rig
 
 STAGE = "flash.customise"
 BOOT_MOUNT = "/boot/firmware"  # where Raspberry Pi OS (Bookworm and later) mounts the boot partition
+#: The groups Raspberry Pi OS gives its first user (userconf-pi's FIRSTUSERGROUPS; Imager's cloud-init user-data).
+FIRST_USER_GROUPS = ("adm", "dialout", "cdrom", "sudo", "audio", "video", "plugdev", "games", "users", "input",
+                     "render", "netdev", "spi", "i2c", "gpio")
 _FAT_IDS = frozenset({0x01, 0x04, 0x06, 0x0B, 0x0C, 0x0E})
 
 
@@ -143,9 +150,32 @@ def apply(fd: int, device: str, boot: Partition, p: Plan) -> list[Change]:
     write("custom.toml", f'config_version = 1\n\n[system]\nhostname = "{p.hostname}"\n', f"hostname {p.hostname}")
     if p.ssh:
         write("ssh", "", "SSH server enabled")
+    if any(fat.read_file(path, boot, name) is not None for name in ("user-data", "meta-data")):
+        # a cloud-init image (Raspberry Pi OS Trixie): Imager writes user-data, and cloud-init runs it again only
+        # for a new instance-id
+        write("user-data", cloud_config(p), f"cloud-init: user {p.user}, hostname {p.hostname}")
+        write("meta-data", f"instance-id: hil-{p.token}\n", f"cloud-init instance-id hil-{p.token}")
     write(TOKEN_FILE, p.token + "\n", f"run token {p.token} (read at {BOOT_MOUNT}/{TOKEN_FILE})")
     os.fsync(fd)
     return changes
+
+
+def cloud_config(p: Plan) -> str:
+    """cloud-init user-data with the hostname and the user (its password as a crypt hash), as Imager writes it for
+    images that use cloud-init (strings JSON-quoted, which YAML reads as they are)."""
+    return "\n".join([
+        "#cloud-config",
+        f"hostname: {json.dumps(p.hostname)}",
+        "manage_etc_hosts: true",
+        "users:",
+        f"  - name: {json.dumps(p.user)}",
+        f"    groups: {json.dumps(','.join(FIRST_USER_GROUPS))}",
+        "    shell: /bin/bash",
+        "    lock_passwd: false",
+        f"    passwd: {json.dumps(p.password_hash)}",
+        '    sudo: "ALL=(ALL) NOPASSWD:ALL"',
+        "",
+    ])
 
 
 def _no_fat(image: Image, why: str) -> InputError:

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from hil.cli import main as hil_main
-from hil.image import fat
+from hil.image import ext4, fat
 from hil.image.mbr import read_layout
 from hil.models import MODELS
 from hil.rig import Rig, load_rig
 from tests.rigfiles import virtual_rig_toml
-from tests.stockimage import PRETTY_NAME, VERSION_ID, build_stock_image
+from tests.stockimage import PRETTY_NAME, TRIXIE_PRETTY_NAME, VERSION_ID, build_stock_image
 
 if "libumockdev-preload" not in os.environ.get("LD_PRELOAD", "") or os.geteuid() != 0:
     pytest.skip("needs root and umockdev: run pytest under umockdev-wrapper as root", allow_module_level=True)
@@ -64,6 +64,28 @@ def test_stock_image_flashed_with_customisation_boots_and_is_identified(
     # the first boot took userconf.txt (user created, file removed), as userconf-pi does
     layout = read_layout(rig.virtual.state_dir / "emmc.img")  # type: ignore[union-attr]
     assert fat.read_file(rig.virtual.state_dir / "emmc.img", layout.partitions[0], "userconf.txt") is None  # type: ignore[union-attr]
+
+
+def test_trixie_image_gets_cloud_init_user_data_and_boots(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Trixie-shaped image (cloud-init files on its boot partition) also gets user-data and a new instance-id."""
+    monkeypatch.setenv("HIL_LOGIN_PASSWORD", "trixie-pw")
+    image = build_stock_image(tmp_path / "trixie.img", "cm5", trixie=True)
+    rig = _rig(tmp_path, "cm5")
+    with VirtualRig(rig) as virtual:
+        assert hil_main(["flash", str(image.path), "--rig", str(rig.path), "--no-cache"]) == 0
+        out = capsys.readouterr().out
+        assert "user-data: cloud-init: user hil, hostname stock-cm5" in out
+        assert "meta-data: cloud-init instance-id" in out
+        layout = read_layout(virtual.emmc.image_path)
+        user_data = (fat.read_file(virtual.emmc.image_path, layout.partitions[0], "user-data") or b"").decode()
+        assert user_data.startswith("#cloud-config\n") and '"$6$' in user_data
+    assert hil_main(["boot", "--rig", str(rig.path), "--json"]) == 0
+    identity = json.loads(capsys.readouterr().out)["identity"]
+    assert identity["user"] == "hil" and identity["PRETTY_NAME"] == TRIXIE_PRETTY_NAME
+    emmc = rig.virtual.state_dir / "emmc.img"  # type: ignore[union-attr]
+    ran = ext4.read_file(emmc, read_layout(emmc).partitions[1], "/var/lib/cloud/data/instance-id")
+    assert ran == f"hil-{identity['token']}\n".encode()  # cloud-init ran for this flash's instance
 
 
 def test_no_customise_fails_fast_saying_the_console_is_off(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
