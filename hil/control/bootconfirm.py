@@ -40,7 +40,7 @@ FATAL: tuple[tuple[str, str], ...] = (
      "the bootloader found no boot filesystem on the eMMC: it is blank or the image is damaged"),
     (r"Boot mode: (?P<mode>\S+) \(\w+\)[^\n]*\n(?:[^\n]*\n)*?Boot mode: (?P=mode) \(\w+\)[^\n]*",
      "the bootloader went through its whole BOOT_ORDER and starts again: nothing it can boot"),
-    (r"Firmware not found[^\n]*|Error -2 opening start[^\n]*",
+    (r"Firmware not found[^\n]*",
      "the firmware (start*.elf) is missing from the boot partition"),
 )
 

@@ -47,10 +47,29 @@ def bootloader(model: ModuleModel, chip: Chip, disk: BootDisk, serial: int, eepr
     that finds nothing to boot hands over to the next."""
     steps = _bootloader(model, chip, disk, serial, eeprom)
     heard = eeprom.config.boot_uart and chip.serial0 == CHIPS[model.name].serial0  # CM5: on UART10 only
-    ended = yield from (steps if heard else _silent(steps))
+    ended = yield from (_stamped(steps) if heard else _silent(steps))
     if isinstance(ended, Handover):
         return (yield from kernel(model, chip, disk, started=ended.started, config=ended.config))
     return ended
+
+
+def _stamped(steps: Generator[Emit, None, Outcome | Handover]) -> Generator[Emit, None, Outcome | Handover]:
+    """Each line after the seconds since power-on, as recent bootloaders print them ("  4.27 RPi: BOOTLOADER
+    release ..." in a CM5 log, agherzan/meta-raspberrypi#1526; a CM4's in raspberrypi/rpi-eeprom#668)."""
+    now, fresh = 0.0, True
+    while True:
+        try:
+            e = next(steps)
+        except StopIteration as end:
+            return end.value
+        now += e.delay
+        text = []
+        for ch in e.text:
+            if fresh and ch != "\n":
+                text.append(f"{now:6.2f} ")
+            text.append(ch)
+            fresh = ch == "\n"
+        yield Emit(e.delay, "".join(text), e.baud)
 
 
 def _silent(steps: Generator[Emit, None, Outcome | Handover]) -> Generator[Emit, None, Outcome | Handover]:
@@ -123,11 +142,15 @@ def _sd_mode(model: ModuleModel, chip: Chip,
     files = boot_files(model.name)
     if model.name == "cm5":  # the CM5's firmware is in the EEPROM: it loads the kernel itself
         return (yield from _load_kernel_from_bootloader(model, chip, disk, config))
+    # the recovery files first, then the firmware (a CM4 log: talos-rpi5/talos-builder#19)
+    yield Emit(0.01, "[sdcard] recover4.elf not found\n[sdcard] recovery.elf not found\n")
+    missing = [name for name in files.firmware if disk.boot_file(name) is None]
+    if missing:
+        yield Emit(0.02, "".join(f"[sdcard] {name} not found\n" for name in (files.firmware[0], "start.elf"))
+                   + "Firmware not found\nERROR: 4\nFinished partition walk\n")
+        return NothingToBoot()
     for name in files.firmware:
-        data = disk.boot_file(name)
-        if data is None:
-            yield Emit(0.02, f"Error -2 opening {name}\nFirmware not found\n")
-            return NothingToBoot()
+        data = disk.boot_file(name) or b""
         yield Emit(0.02 + len(data) / 25e6, f"Read {name} bytes {len(data):8d} hnd 0x0\n")
     yield Emit(0.02, f"0x00{chip.boardrev} 0x00000000 0x00000fff\nMEM GPU: 76 ARM: 948 TOTAL: 1024\n")
     yield Emit(0.01, "Firmware: 82f3750a65fadae9a38077e3c2e217ad158c8d54 Mar 17 2023 10:50:39\n")

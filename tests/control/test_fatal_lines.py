@@ -61,7 +61,7 @@ def test_a_silent_image_is_refused_before_waiting(console: Console) -> None:
     "[    2.0] VFS: Unable to mount root fs on unknown-block(0,0)\n",
     "Trying partition: 0\nFilesystem not found on partition 0\n",
     "Boot mode: SD (01) order f2564\nSD retry\nBoot mode: RESTART (0f) order 0\nBoot mode: SD (01) order f2564\n",
-    "Read config.txt bytes 123 hnd 0x0\nError -2 opening start4.elf\nFirmware not found\n",
+    " 85.58 [sdcard] start4.elf not found\n 85.59 [sdcard] start.elf not found\n 85.93 Firmware not found\n",
 ])
 def test_each_fatal_line_ends_the_wait_at_once(console: Console, lines: str) -> None:
     started = time.monotonic()

@@ -4,6 +4,7 @@ bootloader prints and tries, following the stored BOOT_ORDER."""
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -123,7 +124,9 @@ def loader(model, order: str) -> firmware.Bootloader:
     (CM5, "0xf1", ["SD", "RESTART", "SD", "RESTART", "SD", "RESTART"]),
 ])
 def test_the_bootloader_walks_the_stored_boot_order(model, order: str, modes: list[str], tmp_path: Path) -> None:
-    text, _ = uart(model, loader(model, order), 6, tmp_path)
+    stamped, _ = uart(model, loader(model, order), 6, tmp_path)
+    text = re.sub(r"(?m)^ *\d+\.\d\d ", "", stamped)  # each line follows the seconds since power-on
+    assert stamped.startswith("  0.35 RPi: BOOTLOADER")
     assert text.startswith(f"RPi: BOOTLOADER release VERSION:{LATEST[model.name].version} ")
     assert f"BUILD_TIMESTAMP={LATEST[model.name].timestamp}" in text
     walked = [line.split()[2] for line in text.splitlines() if line.startswith("Boot mode:")]
