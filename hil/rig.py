@@ -585,7 +585,9 @@ def _customise(t: _Table | None, model: ModuleModel) -> Customise:
     if bootloader_uart and not model.has_eeprom:
         raise t.fail("bootloader_uart", f"a {model.name} has no EEPROM bootloader", "remove bootloader_uart")
     out = Customise(t.get("enabled", bool, True), user, env,
-                    (t.file.parent / file_s).resolve() if file_s else None, t.get("ssh", bool, False), uart,
+                    # made absolute without resolving: a symlink must be seen, and refused, where it is read
+                    Path(os.path.abspath(t.file.parent / Path(file_s).expanduser())) if file_s else None,
+                    t.get("ssh", bool, False), uart,
                     bootloader_uart)
     t.done()
     return out

@@ -161,6 +161,8 @@ def _identify(console: Console, rig: Rig, facts: BootFacts | None, record: BootR
     who = read("id -un")
     if who:
         record.identity["user"] = who
+    if who and who != "root":  # root for what needs it, without a password prompt that would hang the console
+        record.identity["sudo"] = "yes" if read("sudo -n true") is not None else "no"
     if facts is not None and facts.token:
         token = read(f"cat {BOOT_MOUNT}/{TOKEN_FILE}")
         if token != facts.token:

@@ -215,6 +215,8 @@ class Shell:
         if self._user != "root" and self._user not in members:
             self._status = 1
             return f"{self._user} is not in the sudoers file.\n", None
+        while args and args[0].startswith("-"):  # -n (never ask for a password) and the like change nothing here
+            args = args[1:]
         if not args:
             self._status = 1
             return "usage: sudo command\n", None

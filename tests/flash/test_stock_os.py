@@ -55,7 +55,7 @@ def test_stock_image_flashed_with_customisation_boots_and_is_identified(
     assert hil_main(["boot", "--rig", str(rig.path), "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     identity = record["identity"]
-    assert identity["user"] == "hil"
+    assert identity["user"] == "hil" and identity["sudo"] == "yes"  # the first user may act as root
     assert identity["PRETTY_NAME"] == PRETTY_NAME and identity["VERSION_ID"] == VERSION_ID
     assert identity["root"] == f"PARTUUID={image.root_partuuid}"
     assert len(identity["token"]) == 16 and identity["issue.txt"].startswith("Raspberry Pi reference")
