@@ -27,11 +27,11 @@ PORTS = {"cm3": "8-1.3", "cm4": "8-1.4", "cm5": "8-1.5"}
 TIMEOUTS = {"power": 5, "rom": 5, "mass_storage": 8, "kernel": 5, "login": 6, "command": 4}
 
 
-def _rig(folder: Path, model: str, extra: dict[str, object] | None = None) -> Rig:
+def _rig(folder: Path, model: str, extra: dict[str, object] | None = None, name: str = "") -> Rig:
     kind = "msd" if MODELS[model].chip_dir == "2710" else "mass-storage-gadget64"
     payload = make_payload(folder / "payload", kind, (model,), boot_img_size=1024**2)
     path = folder / "rig.toml"
-    path.write_text(virtual_rig_toml(f"stock-{model}", model, PORTS[model], state_dir=folder / "state",
+    path.write_text(virtual_rig_toml(name or f"stock-{model}", model, PORTS[model], state_dir=folder / "state",
                                      emmc="128MiB", power_gpio=5, boot_gpio=6, nwp_gpio=None, off_time=0.01,
                                      timeouts=TIMEOUTS, speedup=50.0,
                                      extra={"usb": {"payload": str(payload)}, **(extra or {})}))
@@ -71,11 +71,11 @@ def test_trixie_image_gets_cloud_init_user_data_and_boots(tmp_path: Path, capsys
     """A Trixie-shaped image (cloud-init files on its boot partition) also gets user-data and a new instance-id."""
     monkeypatch.setenv("HIL_LOGIN_PASSWORD", "trixie-pw")
     image = build_stock_image(tmp_path / "trixie.img", "cm5", trixie=True)
-    rig = _rig(tmp_path, "cm5")
+    rig = _rig(tmp_path, "cm5", name="trixie-cm5")  # its own lock: other tests here may run at the same time
     with VirtualRig(rig) as virtual:
         assert hil_main(["flash", str(image.path), "--rig", str(rig.path), "--no-cache"]) == 0
         out = capsys.readouterr().out
-        assert "user-data: cloud-init: user hil, hostname stock-cm5" in out
+        assert "user-data: cloud-init: user hil, hostname trixie-cm5" in out
         assert "meta-data: cloud-init instance-id" in out
         layout = read_layout(virtual.emmc.image_path)
         user_data = (fat.read_file(virtual.emmc.image_path, layout.partitions[0], "user-data") or b"").decode()
@@ -90,7 +90,7 @@ def test_trixie_image_gets_cloud_init_user_data_and_boots(tmp_path: Path, capsys
 
 def test_no_customise_fails_fast_saying_the_console_is_off(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     image = build_stock_image(tmp_path / "stock.img", "cm4")
-    rig = _rig(tmp_path, "cm4")
+    rig = _rig(tmp_path, "cm4", name="nocustomise-cm4")
     with VirtualRig(rig):
         assert hil_main(["flash", str(image.path), "--rig", str(rig.path), "--no-cache", "--no-customise"]) == 0
         assert "enable_uart" in capsys.readouterr().err
@@ -104,6 +104,6 @@ def test_a_real_rig_without_a_password_is_refused_before_anything(tmp_path: Path
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HIL_LOGIN_PASSWORD", raising=False)
     image = build_stock_image(tmp_path / "stock.img", "cm4")
-    rig = _rig(tmp_path, "cm4", {"customise": {"password_file": str(tmp_path / "missing")}})
+    rig = _rig(tmp_path, "cm4", {"customise": {"password_file": str(tmp_path / "missing")}}, name="nopassword-cm4")
     assert hil_main(["flash", str(image.path), "--rig", str(rig.path)]) == 2
     assert "password file" in capsys.readouterr().err

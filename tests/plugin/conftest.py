@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from hil.models import MODELS
 from tests.rigfiles import virtual_rig_toml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,6 +40,10 @@ def make_rig(tmp_path: Path) -> Callable[..., Path]:
     def make(name: str, model: str = "cm4", port: str = "9-1.4", extra: str = "",
              timeouts: dict[str, float] | None = None) -> Path:
         path = tmp_path / f"{name}.toml"
+        # CM4/CM5 modules here were configured with BOOT_UART=1 (their factory config has 0), so the self-check's
+        # bootloader banner and the boot's bootloader milestone are part of these runs
+        configured = MODELS[model].has_eeprom and "[customise]" not in extra
+        extra = ("[customise]\nbootloader_uart = true\n" if configured else "") + extra
         path.write_text(virtual_rig_toml(name, model, port, state_dir=tmp_path / "state" / name, emmc="256MiB",
                                          timeouts={**TIMEOUTS, **(timeouts or {})}, extra=extra))
         return path

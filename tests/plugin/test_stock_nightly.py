@@ -21,7 +21,8 @@ def test_nightly_flashes_customises_and_identifies_stock_images(make_rig: Callab
     monkeypatch.setenv("HIL_LOGIN_PASSWORD", "nightly-pw")
     rigs, images = [], []
     for model, port in MODELS.items():
-        rigs += ["--rig", str(make_rig(f"stock-{model}", model, port))]
+        # the factory bootloader config (BOOT_UART=0): no bootloader lines are expected
+        rigs += ["--rig", str(make_rig(f"stock-{model}", model, port, extra="[customise]\nbootloader_uart = false\n"))]
         images += ["--image", f"{model}={build_stock_image(tmp_path / f'stock-{model}.img', model).path}"]
     report = tmp_path / "night"
     done = hil("nightly", *rigs, *images, "--report-dir", str(report), "--no-history", "--",
