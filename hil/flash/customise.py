@@ -42,6 +42,7 @@ BOOT_MOUNT = "/boot/firmware"  # where Raspberry Pi OS (Bookworm and later) moun
 #: The groups Raspberry Pi OS gives its first user (userconf-pi's FIRSTUSERGROUPS; Imager's cloud-init user-data).
 FIRST_USER_GROUPS = ("adm", "dialout", "cdrom", "sudo", "audio", "video", "plugdev", "games", "users", "input",
                      "render", "netdev", "spi", "i2c", "gpio")
+MIN_FREE = 64 * 1024  # room for config.txt and cmdline.txt growing, userconf.txt, custom.toml, user-data, token
 _FAT_IDS = frozenset({0x01, 0x04, 0x06, 0x0B, 0x0C, 0x0E})
 
 
@@ -124,6 +125,12 @@ def check_image(image: Image) -> None:
     sector = head(image, boot.start + SECTOR)[boot.start:]
     if len(sector) < SECTOR or sector[510:512] != b"\x55\xaa":
         raise _no_fat(image, f"partition {boot.index} holds no FAT file system")
+    if not image.compressed:  # a raw image's free space can be read now; a compressed one's only once written
+        free = fat.free_bytes(image.path, boot)
+        if free is not None and free < MIN_FREE:
+            raise InputError(f"{image.path} cannot be customised: its boot partition has {free} bytes free, less "
+                             f"than the {MIN_FREE} the customisation files need. Fix: make room on it, or pass "
+                             "--no-customise for an image prepared by hand", stage=STAGE)
 
 
 def apply(fd: int, device: str, boot: Partition, p: Plan) -> list[Change]:

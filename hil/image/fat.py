@@ -7,6 +7,7 @@ is done here in Python from the boot sector, exactly as the FAT specification do
 
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 
@@ -54,6 +55,14 @@ def read_file(image: Path | str, part: Partition, name: str) -> bytes | None:
     if b"not found" in proc.stderr:
         return None
     raise _corrupt(image, part, f"reading {name} failed: {errors(proc)}")
+
+
+def free_bytes(image: Path | str, part: Partition) -> int | None:
+    """The free space mtools reports on the FAT file system (None if it cannot say)."""
+    _check(image, part)
+    proc = run(["mdir", "-i", _drive(image, part), "::/"], package=_PACKAGE, check=False)
+    found = re.search(rb"([\d ]+) bytes free", proc.stdout)
+    return int(found.group(1).replace(b" ", b"")) if proc.returncode == 0 and found else None
 
 
 def write_file(image: Path | str, part: Partition, name: str, data: bytes) -> None:

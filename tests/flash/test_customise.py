@@ -12,6 +12,8 @@ import pytest
 from hil.errors import InputError, RigFileError
 from hil.flash import customise
 from hil.flash.sources import open_image
+from hil.image import fat
+from hil.image.mbr import read_layout
 from hil.rig import load_rig
 from tests.rigfiles import virtual_rig_toml
 from tests.stockimage import build_stock_image
@@ -85,3 +87,14 @@ def test_an_image_without_a_fat_boot_partition_is_refused_before_the_write(tmp_p
     with pytest.raises(InputError, match="no partition is typed FAT.*--no-customise") as e:
         customise.check_image(open_image(no_fat, 1 << 30))
     assert e.value.exit_code == 2
+
+
+def test_a_full_boot_partition_is_refused_before_the_write(tmp_path: Path) -> None:
+    image = build_stock_image(tmp_path / "stock.img", "cm4")
+    filler = tmp_path / "filler"
+    with open(filler, "wb") as f:  # fill the FAT up to a few KiB
+        f.truncate(fat.free_bytes(image.path, read_layout(image.path).partitions[0]) - 8 * 1024)  # type: ignore[operator]
+    subprocess.run(["mcopy", "-i", f"{image.path}@@{4 * 1024**2}", str(filler), "::/filler"], check=True,
+                   env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
+    with pytest.raises(InputError, match="bytes free.*--no-customise"):
+        customise.check_image(open_image(image.path, 1 << 30))
