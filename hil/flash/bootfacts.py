@@ -72,10 +72,10 @@ def read_boot_facts(path: str, model: str, boot: Partition, root: Partition) -> 
     hostname = hostname or (root_text("/etc/hostname") or "").strip() or None
     user = None
     userconf = boot_text("userconf.txt")
-    if userconf and ":" in userconf:
+    if any(line.startswith("root::") for line in (root_text("/etc/shadow") or "").splitlines()):
+        user = "root"  # the image lets root in without a password (the project's test images): whatever boots it
+    elif userconf and ":" in userconf:
         user = userconf.split(":", 1)[0].strip()
-    elif any(line.startswith("root::") for line in (root_text("/etc/shadow") or "").splitlines()):
-        user = "root"
     token = (boot_text(TOKEN_FILE) or "").strip() or None
     layout = read_layout(path)
     root_arg = next((a[5:] for a in args if a.startswith("root=")), None)
