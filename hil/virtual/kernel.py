@@ -122,8 +122,7 @@ def kernel(model: ModuleModel, chip: Chip, disk: BootDisk, *, started: float,
         except HilError:
             return None
 
-    for done in first_boot(disk.image, disk.boot, root):  # before the root is remounted read-write: close enough
-        yield log.line(0.0, f"firstboot: {done}", 5)
+    first_boot(disk.image, disk.boot, root)  # userconf, custom.toml, cloud-init: they log to the journal only
     hostname = (read("/etc/hostname") or b"localhost").decode("utf-8", "replace").strip() or "localhost"
     os_release = _os_release(read("/etc/os-release") or b"")
     pretty = os_release.get("PRETTY_NAME", "Linux")
