@@ -103,6 +103,17 @@ class Power:
 
 
 @dataclass(frozen=True)
+class UsbBootOptions:
+    """How leniently the USB boot host treats the boot ROM (``[usb]`` keys ``rom_retries``, ``signed_boot``).
+
+    ``rom_retries``: failed ROM exchanges repeated per boot, as rpiboot repeats them (without its bound);
+    ``signed``: send ``bootcode.sig`` in the boot message to a BCM2835/2837 (``rpiboot -s``)."""
+
+    rom_retries: int = 2
+    signed: bool = False
+
+
+@dataclass(frozen=True)
 class Console:
     """The module's serial console: a device path or a pyserial URL (``rfc2217://``, ``socket://``)."""
 
@@ -177,6 +188,7 @@ class Rig:
     extra: Mapping[str, Any] = field(default_factory=dict)
     power: Power = field(default_factory=Power)
     customise: Customise = field(default_factory=lambda: Customise())
+    usb_boot: UsbBootOptions = field(default_factory=UsbBootOptions)
 
     @property
     def usb_port(self) -> str:
@@ -327,6 +339,7 @@ def _parse(file: Path, raw: dict[str, Any], check_devices: bool) -> Rig:
                                f"add it to [usb] ports or use one of {', '.join(ports)}")
     payload_s = usb.get("payload", str)
     payload = (file.parent / payload_s).resolve() if payload_s else None
+    usb_boot = _usb_boot(usb)
     usb.done()
 
     console = _console(top.table("console", required=True), name, virtual is not None, check_devices)  # type: ignore[arg-type]
@@ -362,7 +375,7 @@ def _parse(file: Path, raw: dict[str, Any], check_devices: bool) -> Rig:
     top.done()
     return Rig(name=name, path=file, model=model, emmc_size=emmc_size, relays=relays, usb_ports=ports,
                payload=payload, console=console, timeouts=timeouts, markers=markers, forbidden=forbidden,
-               virtual=virtual, power=power, customise=customise)
+               virtual=virtual, power=power, customise=customise, usb_boot=usb_boot)
 
 
 def _regex(t: _Table, key: str) -> str:
@@ -474,6 +487,14 @@ def _ports(t: _Table) -> tuple[str, ...]:
     if len(set(all_ports)) != len(all_ports):
         raise t.fail("ports", "lists a port twice", "list each port once")
     return tuple(all_ports)
+
+
+def _usb_boot(t: _Table) -> UsbBootOptions:
+    retries = t.get("rom_retries", int, UsbBootOptions.rom_retries)
+    if not 0 <= retries <= 20:
+        raise t.fail("rom_retries", f"{retries} is not a usable number of ROM retries",
+                     "use 0 (fail on the first failed exchange) to 20; the default is 2")
+    return UsbBootOptions(retries, t.get("signed_boot", bool, False))
 
 
 def _console(t: _Table, rig_name: str, virtual: bool, check_devices: bool) -> Console:
@@ -601,6 +622,7 @@ def describe(rig: Rig) -> str:
         f"model      {rig.model.name} ({rig.model.chip}, boot ROM 0a5c:{rig.model.rom_pid:04x})",
         f"eMMC       {rig.emmc_size} bytes ({rig.emmc_size / 1024**3:.2f} GiB)",
         f"USB port   {', '.join(rig.usb_ports)}" + (f"  payload {rig.payload}" if rig.payload else ""),
+        f"USB boot   {rig.usb_boot.rom_retries} ROM retries" + (", signed" if rig.usb_boot.signed else ""),
         f"console    {rig.console.device} @ {rig.console.baud}" + ("  (virtual pty)" if rig.console.virtual else ""),
     ]
     if rig.power.backend == "uhubctl":

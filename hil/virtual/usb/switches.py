@@ -34,6 +34,8 @@ class UsbSwitches:
     request_delay: float = 0.0  # extra device-side seconds before the first file request
     no_detach_after_done: bool = False  # second stage stays on the bus after Done; nothing follows
     rom_status: int = 0  # non-zero: the ROM answers every exchange with this status and does not boot
+    rom_odd_status: int = 0  # non-zero: the ROM answers this status but boots anyway (rpiboot ignores it)
+    rom_failed_exchanges: int = 0  # the first N boot-message announces per power-on are never answered (#87)
     truncated_bulk: int | None = None  # bulk OUT bytes accepted per power-on before the device NAKs forever
     disconnect_at: int | None = None  # bytes into the second-stage download where the device drops off
     no_mass_storage: bool = False  # after Done the device leaves and no mass storage appears
@@ -76,9 +78,9 @@ def parse_switches(raw: Mapping[str, Any], model: ModuleModel, source: object = 
             values[key] = value
         elif key in ("request_delay", "late_disk"):
             values[key] = number(key, value, float, 0.0)
-        elif key in ("truncated_bulk", "disconnect_at"):
+        elif key in ("truncated_bulk", "disconnect_at", "rom_failed_exchanges"):
             values[key] = number(key, value, int, 0)
-        elif key == "rom_status":
+        elif key in ("rom_status", "rom_odd_status"):
             values[key] = number(key, value, int, 1)
             if values[key] > 0xFFFFFFFF:
                 raise fail(key, f"{value} does not fit the ROM's 32-bit status", "use a value below 2**32")
@@ -106,6 +108,7 @@ class DeviceEnv:
     power_cut: threading.Event = field(default_factory=threading.Event)
     bulk_received: int = 0  # for truncated_bulk
     disconnect_fired: bool = False
+    exchanges_failed: int = 0  # for rom_failed_exchanges
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def take_bulk(self, n: int) -> bool:
@@ -116,6 +119,15 @@ class DeviceEnv:
                 return False
             self.bulk_received += n
             return True
+
+    def fail_exchange(self) -> bool:
+        """The ``rom_failed_exchanges`` fault: True (and counted) while this power-on has exchanges to fail."""
+        with self._lock:
+            if self.exchanges_failed >= self.switches.rom_failed_exchanges:
+                return False
+            self.exchanges_failed += 1
+        self.journal.record("fault", "rom_failed_exchanges", stage="rom", failed=self.exchanges_failed)
+        return True
 
     def check_power(self) -> None:
         if self.power_cut.is_set():
