@@ -150,8 +150,8 @@ class Virtual:
     emmc: VirtualEmmc
     usb: Mapping[str, Any]  # quirks and faults of the USB side, validated by the virtual USB model
     console: Mapping[str, Any]  # faults of the console side (unplug, garbage)
-    #: USB port -> its host controller and profile ("xhci-lenient", "ehci-strict"), checked by the virtual bus;
-    #: ports not listed hang off a lenient xHCI controller
+    #: USB port -> its host controller and profile ("xhci-lenient", "ehci-hypothesis-maxpacket"), checked by the
+    #: virtual bus; ports not listed hang off a lenient xHCI controller
     controllers: Mapping[str, str] = field(default_factory=dict)
     #: what boots from the eMMC: "model" (the simulated boot chain) or "qemu" (a real kernel; cm3 and cm3+)
     boot_engine: str = "model"
@@ -189,6 +189,8 @@ class Rig:
     power: Power = field(default_factory=Power)
     customise: Customise = field(default_factory=lambda: Customise())
     usb_boot: UsbBootOptions = field(default_factory=UsbBootOptions)
+    #: USB port -> the command that connects the module to it (a USB switch, uhubctl), for ``hil matrix``
+    usb_select: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def usb_port(self) -> str:
@@ -340,6 +342,7 @@ def _parse(file: Path, raw: dict[str, Any], check_devices: bool) -> Rig:
     payload_s = usb.get("payload", str)
     payload = (file.parent / payload_s).resolve() if payload_s else None
     usb_boot = _usb_boot(usb)
+    usb_select = _usb_select(usb, ports)
     usb.done()
 
     console = _console(top.table("console", required=True), name, virtual is not None, check_devices)  # type: ignore[arg-type]
@@ -375,7 +378,7 @@ def _parse(file: Path, raw: dict[str, Any], check_devices: bool) -> Rig:
     top.done()
     return Rig(name=name, path=file, model=model, emmc_size=emmc_size, relays=relays, usb_ports=ports,
                payload=payload, console=console, timeouts=timeouts, markers=markers, forbidden=forbidden,
-               virtual=virtual, power=power, customise=customise, usb_boot=usb_boot)
+               virtual=virtual, power=power, customise=customise, usb_boot=usb_boot, usb_select=usb_select)
 
 
 def _regex(t: _Table, key: str) -> str:
@@ -497,6 +500,22 @@ def _usb_boot(t: _Table) -> UsbBootOptions:
     return UsbBootOptions(retries, t.get("signed_boot", bool, False))
 
 
+def _usb_select(t: _Table, ports: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """``[usb.select]``: ``"PORT" = ["program", "arg", ...]`` for ports of ``[usb] ports``."""
+    select = t.table("select")
+    if select is None:
+        return {}
+    found: dict[str, tuple[str, ...]] = {}
+    for port in select.data:
+        if port not in ports:
+            select.seen.add(port)
+            raise select.fail(port, f"names port {port}, which [usb] ports does not list",
+                              f"use one of {', '.join(ports)}")
+        found[port] = _argv(select, port, required=True)
+    select.done()
+    return found
+
+
 def _console(t: _Table, rig_name: str, virtual: bool, check_devices: bool) -> Console:
     baud = t.get("baud", int, 115200)
     if baud <= 0:
@@ -567,12 +586,12 @@ def _controllers(t: _Table) -> dict[str, str]:
     """``"PORT" = "KIND-PROFILE"``; which kinds and profiles exist is the virtual bus's to say."""
     found: dict[str, str] = {}
     for port in t.data:
-        value = t.get(port, str, fix=f'write "{port}" = "xhci-lenient" (or "ehci-strict", ...)')
+        value = t.get(port, str, fix=f'write "{port}" = "xhci-lenient" (or "ehci-hypothesis-maxpacket", ...)')
         if not _PORT_PATH.match(port):
             raise t.fail(port, f"{port!r} is not a USB port path", 'quote a port of [usb] ports, e.g. "15-1"')
-        if not re.match(r"^[a-z]+(-[a-z]+)?$", value):
+        if not re.match(r"^[a-z]+(-[a-z]+)*$", value):
             raise t.fail(port, f"{value!r} is not a controller",
-                         'write KIND-PROFILE, e.g. "xhci-lenient" or "ehci-strict"')
+                         'write KIND-PROFILE, e.g. "xhci-lenient" or "ehci-hypothesis-maxpacket"')
         found[port] = value
     return found
 
@@ -623,6 +642,7 @@ def describe(rig: Rig) -> str:
         f"eMMC       {rig.emmc_size} bytes ({rig.emmc_size / 1024**3:.2f} GiB)",
         f"USB port   {', '.join(rig.usb_ports)}" + (f"  payload {rig.payload}" if rig.payload else ""),
         f"USB boot   {rig.usb_boot.rom_retries} ROM retries" + (", signed" if rig.usb_boot.signed else ""),
+        *(f"USB select {port}: {shlex.join(argv)}" for port, argv in rig.usb_select.items()),
         f"console    {rig.console.device} @ {rig.console.baud}" + ("  (virtual pty)" if rig.console.virtual else ""),
     ]
     if rig.power.backend == "uhubctl":

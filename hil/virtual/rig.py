@@ -47,7 +47,7 @@ class VirtualRig:
                 controller_spec(text, tuple(sysfs.CONTROLLERS))
             except InputError as e:
                 raise RigFileError(rig.path, f"virtual.usb.controllers.{port}", e.message.rstrip("."),
-                                   'write "KIND-PROFILE", e.g. "xhci-lenient" or "ehci-strict"') from None
+                                   'write "KIND-PROFILE", e.g. "xhci-lenient" or "ehci-hypothesis-maxpacket"') from None
         self.rig = rig
         self.port = rig.usb_port  # where the module's USB cable is plugged in
         self.want_usb = umockdev_active() if usb is None else usb

@@ -28,7 +28,7 @@ _FLAGS = ("config_55_32", "full_speed", "rom_double_sighting", "no_detach_after_
 @dataclass(frozen=True)
 class UsbSwitches:
     config_55_32: bool  # first GET_DESCRIPTOR(config) claims 55 bytes / 2 interfaces, later reads 32 / 1
-    full_speed: bool  # ROM enumerates at full speed with 512-byte bulk packets and EP2 declared OUT
+    full_speed: bool  # ROM enumerates at full speed, EP2 declared OUT (2835: legal 64-byte bulk; later ROMs: 512)
     rom_double_sighting: bool = False  # ROM lingers ~1.5 s after its status; a re-send times out
     first_control: str | None = None  # "stall" | "timeout": first vendor control transfer per boot stage
     request_delay: float = 0.0  # extra device-side seconds before the first file request
