@@ -1,6 +1,6 @@
 """The host-controller compatibility matrix: boot one module through each of its rig's USB ports K times.
 
-Whether a module USB-boots can depend on the host controller and driver behind the port (the CM1 quirk,
+Whether a module USB-boots can depend on the host controller and driver behind the port (the CM1 note,
 usbboot-protocol.md section 6; full-speed fallbacks behind hubs, section 9.6). The matrix tells: controller
 x module model -> passes/attempts and the median time of each boot stage. Every attempt is kept in a small
 SQLite file (``reports/matrix.db``), so a later run adds to the history and a flaky port shows as such.
