@@ -68,6 +68,8 @@ class RelayLine:
     gpio: int
     active_high: bool
     pin_factory: str
+    #: the relay's state when no process drives the GPIO (set by the board's pull resistors): True = energised
+    rest_on: bool = False
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,8 @@ class Virtual:
     controllers: Mapping[str, str] = field(default_factory=dict)
     #: what boots from the eMMC: "model" (the simulated boot chain) or "qemu" (a real kernel; cm3 and cm3+)
     boot_engine: str = "model"
+    #: relay line -> energised at rest on the virtual board, where it differs from the rig's declared rest
+    relay_rest: Mapping[str, bool] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -459,7 +463,7 @@ def _relays(t: _Table, virtual: bool, power_relay: bool = True) -> Relays:
         if line_factory not in PIN_FACTORIES:
             raise sub.fail("pin_factory", f"unknown pin factory {line_factory!r}",
                            f"use one of {', '.join(PIN_FACTORIES)}")
-        lines[role] = RelayLine(role, gpio, sub.get("active_high", bool, True), line_factory)
+        lines[role] = RelayLine(role, gpio, sub.get("active_high", bool, True), line_factory, _rest(sub, "rest"))
         sub.done()
     if lines["power"] is not None and not power_relay:
         raise t.fail("power", "is set, but [power] switches the module's supply another way",
@@ -473,6 +477,29 @@ def _relays(t: _Table, virtual: bool, power_relay: bool = True) -> Relays:
                      "add [relays.eeprom_nwp] or remove nwp_protect_at_rest")
     t.done()
     return Relays(lines["power"], lines["nrpi_boot"], lines["eeprom_nwp"], off_time, protect)
+
+
+def _rest(t: _Table, key: str) -> bool:
+    """A relay's state at rest, "off" or "on": True when it is energised with its GPIO not driven."""
+    value = t.get(key, str, "off")
+    if value not in ("off", "on"):
+        raise t.fail(key, f"{value!r} is not a relay state", f'write {key} = "off" (de-energised when no process '
+                     'drives the GPIO) or "on"')
+    return value == "on"
+
+
+def _virtual_relays(t: _Table | None) -> dict[str, bool]:
+    """``[virtual.relays]``: how the virtual relay board's pulls really rest, per line (default: as declared)."""
+    if t is None:
+        return {}
+    found = {}
+    for role in t.data:
+        if role not in ("power", "nrpi_boot", "eeprom_nwp"):
+            t.seen.add(role)
+            raise t.fail(role, "is not a relay line", "use power, nrpi_boot or eeprom_nwp")
+        found[role] = _rest(t, role)
+    t.done()
+    return found
 
 
 def _ports(t: _Table) -> tuple[str, ...]:
@@ -577,9 +604,10 @@ def _virtual(t: _Table, rig_name: str) -> Virtual:
     console_data = dict(console.data) if console else {}
     if console:
         console.seen.update(console.data)
+    relay_rest = _virtual_relays(t.table("relays"))
     t.done()
     return Virtual(speedup, state_dir, VirtualEmmc(write_bps, read_bps, tuple(errors), loop), usb_data, console_data,
-                   controllers, boot_engine)
+                   controllers, boot_engine, relay_rest)
 
 
 def _controllers(t: _Table) -> dict[str, str]:
@@ -652,7 +680,7 @@ def describe(rig: Rig) -> str:
                      + (f"; status {shlex.join(rig.power.status)}" if rig.power.status else ""))
     for line in r.lines():
         lines.append(f"relay      {line.role:<10} GPIO{line.gpio:<3} active-{'high' if line.active_high else 'low'}"
-                     f"  pin factory {line.pin_factory}")
+                     f"  pin factory {line.pin_factory}  at rest {'on' if line.rest_on else 'off'}")
     rest = "protected (low)" if r.nwp_protect_at_rest else "released"
     lines.append(f"off time   {r.off_time} s; EEPROM_nWP at rest: {rest}")
     lines.append("timeouts   " + ", ".join(f"{k}={v:g}s" for k, v in rig.timeouts.items()))
