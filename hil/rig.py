@@ -106,13 +106,17 @@ class Power:
 
 @dataclass(frozen=True)
 class UsbBootOptions:
-    """How leniently the USB boot host treats the boot ROM (``[usb]`` keys ``rom_retries``, ``signed_boot``).
+    """How the USB boot host treats the boot ROM and which disk it writes after (``[usb]`` keys ``rom_retries``,
+    ``signed_boot``, ``disk``).
 
     ``rom_retries``: failed ROM exchanges repeated per boot, as rpiboot repeats them (without its bound);
-    ``signed``: send ``bootcode.sig`` in the boot message to a BCM2835/2837 (``rpiboot -s``)."""
+    ``signed``: send ``bootcode.sig`` in the boot message to a BCM2835/2837 (``rpiboot -s``);
+    ``disk``: mass-storage-gadget64 exports a carrier's NVMe beside the eMMC; the eMMC is written unless
+    ``disk = "nvme"``."""
 
     rom_retries: int = 2
     signed: bool = False
+    disk: str = "emmc"  # which disk of the module to write: "emmc", or "nvme" on a carrier with an M.2 drive
 
 
 @dataclass(frozen=True)
@@ -524,7 +528,10 @@ def _usb_boot(t: _Table) -> UsbBootOptions:
     if not 0 <= retries <= 20:
         raise t.fail("rom_retries", f"{retries} is not a usable number of ROM retries",
                      "use 0 (fail on the first failed exchange) to 20; the default is 2")
-    return UsbBootOptions(retries, t.get("signed_boot", bool, False))
+    disk = t.get("disk", str, "emmc")
+    if disk not in ("emmc", "nvme"):
+        raise t.fail("disk", f"{disk!r} is not a disk of a Compute Module", 'write disk = "emmc" (default) or "nvme"')
+    return UsbBootOptions(retries, t.get("signed_boot", bool, False), disk)
 
 
 def _usb_select(t: _Table, ports: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
@@ -669,7 +676,8 @@ def describe(rig: Rig) -> str:
         f"model      {rig.model.name} ({rig.model.chip}, boot ROM 0a5c:{rig.model.rom_pid:04x})",
         f"eMMC       {rig.emmc_size} bytes ({rig.emmc_size / 1024**3:.2f} GiB)",
         f"USB port   {', '.join(rig.usb_ports)}" + (f"  payload {rig.payload}" if rig.payload else ""),
-        f"USB boot   {rig.usb_boot.rom_retries} ROM retries" + (", signed" if rig.usb_boot.signed else ""),
+        f"USB boot   {rig.usb_boot.rom_retries} ROM retries" + (", signed" if rig.usb_boot.signed else "")
+        + f", writes the {rig.usb_boot.disk}",
         *(f"USB select {port}: {shlex.join(argv)}" for port, argv in rig.usb_select.items()),
         f"console    {rig.console.device} @ {rig.console.baud}" + ("  (virtual pty)" if rig.console.virtual else ""),
     ]

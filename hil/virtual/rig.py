@@ -121,9 +121,16 @@ class VirtualRig:
         bus = UsbBus.get()
         for port in self.rig.usb_ports:  # every port's bus and controller exists, cabled or not, as on a host
             bus.port(port, self.controller(port), self.journal)
+        nvme = None
+        if switches.nvme:
+            from hil.virtual.nvme import VirtualNvme
+
+            nvme = VirtualNvme(self.rig.virtual.state_dir / "nvme.img", switches.nvme).open()
+            self._opened.append(nvme)
         return VirtualUsb(self.rig.model, bus.port(self.port, self.controller(self.port), self.journal),
                           self.emmc.block_device, self.rig.emmc_size, switches, self.clock, self.journal,
-                          extra_port_factory=bus.port, eeprom=self.eeprom)
+                          extra_port_factory=bus.port, eeprom=self.eeprom,
+                          nvme_block_device=nvme.block_device if nvme else None)
 
     def close(self) -> None:
         """Power down and take everything away, in reverse order of creation."""

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 from hil.errors import RigFileError
 from hil.models import ModuleModel
 from hil.rig import _PORT_PATH  # the rig file's own port-path rule
+from hil.units import parse_size
 from hil.virtual.journal import Journal
 from hil.virtual.timing import DeviceClock
 from hil.virtual.usb.descriptors import Descriptors, StandardRequests
@@ -41,6 +42,7 @@ class UsbSwitches:
     no_mass_storage: bool = False  # after Done the device leaves and no mass storage appears
     late_disk: float = 0.0  # seconds the mass-storage device has no medium (size 0) before the eMMC shows
     duplicate_disk: str | None = None  # port path where a second disk over the same eMMC appears
+    nvme: int = 0  # bytes of an NVMe drive on the carrier, which mass-storage-gadget64 exports too (0: none)
 
 
 def default_switches(model: ModuleModel) -> UsbSwitches:
@@ -84,6 +86,13 @@ def parse_switches(raw: Mapping[str, Any], model: ModuleModel, source: object = 
             values[key] = number(key, value, int, 1)
             if values[key] > 0xFFFFFFFF:
                 raise fail(key, f"{value} does not fit the ROM's 32-bit status", "use a value below 2**32")
+        elif key == "nvme":
+            try:
+                values[key] = parse_size(value) if isinstance(value, str | int) and not isinstance(value, bool) else -1
+            except ValueError:
+                values[key] = -1
+            if values[key] < 1024 * 1024 or values[key] % 512:
+                raise fail(key, f"{value!r} is not a drive size", 'write nvme = "1GiB" (a whole number of sectors)')
         elif key == "duplicate_disk":
             if not isinstance(value, str) or not _PORT_PATH.match(value):
                 raise fail(key, f"{value!r} is not a USB port path", f"write {key} = {_PORT_HELP}")
