@@ -20,6 +20,7 @@ from types import TracebackType
 
 import pyudev
 
+from hil.disk.automount import undo_automounts
 from hil.disk.carrier import EMMC_TOLERANCE, identity_problem, size_ok, target_problem
 from hil.disk.discovery import Disk, disks_on_port
 from hil.errors import InfrastructureError
@@ -144,6 +145,7 @@ def guard_disk(disk: Disk, rig: Rig) -> GuardedDisk:
         if ours in _ancestors(dev, parents):
             raise GuardRefusal("system disk", disk, f"it holds {path} of this host",
                                "never flash the host's own disk; check the rig's USB port")
+    undo_automounts(rdev)  # a desktop's automount of our own disk, through udisks; never another disk's
     for dev, where in _mounted().items():
         if ours in _ancestors(dev, parents):
             raise GuardRefusal("mounted", disk, f"it (or a partition of it) is mounted or in use at {where}",

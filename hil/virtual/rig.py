@@ -12,6 +12,7 @@ a person (or a USB switch) does between runs of a compatibility matrix.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, ClassVar
 
@@ -29,6 +30,7 @@ from hil.virtual.usb import sysfs
 from hil.virtual.usb.hostprofiles import DEFAULT_KIND, controller_spec
 
 if TYPE_CHECKING:
+    from hil.virtual.desktop import Desktop
     from hil.virtual.usb.side import VirtualUsb
 
 CABLE_WAIT = 2.0  # host seconds a module switched off may take to discharge before its cable moves
@@ -60,11 +62,20 @@ class VirtualRig:
                                     boot_uart=rig.customise.bootloader_uart) if rig.model.has_eeprom else None
         self.module = VirtualModule(rig, self.emmc, self.console, self.clock, self.journal, self.eeprom)
         self._opened: list[object] = []
+        self.desktop: Desktop | None = None  # a desktop session automounting the module's disk ([virtual.usb])
 
     def open(self) -> VirtualRig:
         try:
+            assert self.rig.virtual is not None
+            automount = self.want_usb and bool(self.rig.virtual.usb.get("automount"))
             self.emmc.open()
             self._opened.append(self.emmc)
+            if automount:
+                from hil.virtual.desktop import Desktop
+
+                self.desktop = Desktop(self.port, self.emmc.block_device, self.rig.virtual.state_dir / "desktop",
+                                       self.journal, Path("/run/media/root") / f"cm-hil-{self.rig.name}").open()
+                self._opened.append(self.desktop)
             self.console.open()
             self._opened.append(self.console)
             if self.want_usb:

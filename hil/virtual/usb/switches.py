@@ -23,7 +23,8 @@ from hil.virtual.usb.descriptors import Descriptors, StandardRequests
 from hil.virtual.usb.device import ControlSetup, DeviceGone, Stall, Unresponsive
 
 _PORT_HELP = 'a USB port path such as "1-1.5"'
-_FLAGS = ("config_55_32", "full_speed", "rom_double_sighting", "no_detach_after_done", "no_mass_storage")
+_FLAGS = ("config_55_32", "full_speed", "rom_double_sighting", "no_detach_after_done", "no_mass_storage",
+          "automount")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class UsbSwitches:
     late_disk: float = 0.0  # seconds the mass-storage device has no medium (size 0) before the eMMC shows
     duplicate_disk: str | None = None  # port path where a second disk over the same eMMC appears
     nvme: int = 0  # bytes of an NVMe drive on the carrier, which mass-storage-gadget64 exports too (0: none)
+    automount: bool = False  # a desktop on the host automounts the disk's partitions (hil.virtual.desktop)
 
 
 def default_switches(model: ModuleModel) -> UsbSwitches:
