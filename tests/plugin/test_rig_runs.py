@@ -99,7 +99,7 @@ def failing_run(pytester: pytest.Pytester, make_rig: Callable[..., Path],
     """Three rigs: a good one, one whose module drops off the bus during USB boot, one whose console is garbage."""
     pytester.makepyfile(test_failing=FAILING)
     rigs = [make_rig("plug-good", port="9-1.4"),
-            make_rig("plug-usb", port="10-1.4", extra="[virtual.usb]\ndisconnect_at = 20000\n"),
+            make_rig("plug-usb", port="10-1.4", extra="[usb]\nrom_retries = 0\n[virtual.usb]\ndisconnect_at = 20000\n"),
             make_rig("plug-garbled", port="11-1.4", extra="[virtual.console]\ngarbage = true\n",
                      timeouts={"bootloader": 2})]
     results = tmp_path / "allure-results"
