@@ -469,3 +469,14 @@ def test_a_boot_img_that_is_no_fat_image_is_not_booted(module: Callable[..., Mod
         boot("7-4.3", folder, "cm5")
     assert "boot.img is not a FAT image" in [e.what for e in journal.events("fault")]
     assert side.state != "mass-storage"
+
+
+def test_cli_reports_the_rom_exchanges_and_takes_the_retries(module: Callable[..., Module], payloads: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    module("cm4", "7-8.1", rom_odd_status=0x42)
+    args = ["usbboot", "--port", "7-8.1", "--model", "cm4", "--settle", "0.01", "--quiet",
+            "--payload", str(payloads / "mass-storage-gadget64")]
+    assert hil_main(args) == 0
+    assert "ROM exchange 1: status 0x42" in capsys.readouterr().out
+    module("cm4", "7-8.2", rom_failed_exchanges=1)
+    assert hil_main([*args[:2], "7-8.2", *args[3:], "--rom-retries", "0"]) == 3
