@@ -62,15 +62,19 @@ class Attempt:
     def incompatible(self) -> bool:
         return self.category == HOST
 
+    @property
+    def host(self) -> str:
+        """The controller as a person tells it apart: its label and its root hub's product string."""
+        root = f"; {self.controller.hubs[0].product}" if self.controller.hubs else ""
+        return f"{self.controller.label}{root}"
+
     def describe(self) -> str:
         speeds = ", ".join(f"{k} {v}" for k, v in self.speeds.items()) or "speeds unknown"
         total = sum(self.seconds.values())
         outcome = f"ok in {total:.2f} s" if self.ok else f"FAILED ({self.category}): {self.message}"
-        root = f"; {self.controller.hubs[0].product}" if self.controller.hubs else ""
         rom = self.rom_attempts()
         tries = f"; ROM exchanges: {'; '.join(rom)}" if len(rom) > 1 or any("status" in r for r in rom) else ""
-        return (f"{self.model} via {self.port} [{self.controller.label}{root}] #{self.attempt}: {outcome}; "
-                f"{speeds}{tries}")
+        return f"{self.model} via {self.port} [{self.host}] #{self.attempt}: {outcome}; {speeds}{tries}"
 
     def rom_attempts(self) -> list[str]:
         """Each ROM exchange's outcome ("ok", "status 0x...", a failed transfer)."""
@@ -133,7 +137,7 @@ def classify(attempts: Sequence[Attempt], history: Mapping[str, tuple[int, int]]
     booted: dict[str, dict[str, str]] = {}
     for a in attempts:
         if a.ok:
-            booted.setdefault(a.rig, {})[a.port] = a.controller.label
+            booted.setdefault(a.rig, {})[a.port] = a.host
     changed = []
     for a in attempts:
         if a.ok or a.category != Fault.INFRASTRUCTURE.value:
@@ -151,7 +155,7 @@ def classify(attempts: Sequence[Attempt], history: Mapping[str, tuple[int, int]]
                        + ", ".join(f"{p} booted {h[0]}/{h[1]}" for p, h in good.items()))
         if why:
             a.category = HOST
-            a.message = f"{HOST_INCOMPATIBILITY_PHRASE} on {a.port} [{a.controller.label}]: {why}. {a.message}"
+            a.message = f"{HOST_INCOMPATIBILITY_PHRASE} on {a.port} [{a.host}]: {why}. {a.message}"
             changed.append(a)
     return changed
 
