@@ -1,6 +1,6 @@
 """The host-controller compatibility matrix: boot one module through each of its rig's USB ports K times.
 
-Whether a module USB-boots can depend on the host controller and driver behind the port (the CM1 quirk,
+Whether a module USB-boots can depend on the host controller and driver behind the port (the CM1 note,
 usbboot-protocol.md section 6; full-speed fallbacks behind hubs, section 9.6). The matrix tells: controller
 x module model -> passes/attempts and the median time of each boot stage. Every attempt is kept in a small
 SQLite file (``reports/matrix.db``), so a later run adds to the history and a flaky port shows as such.
@@ -17,24 +17,27 @@ import socket
 import sqlite3
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from hil.control.hostctl import QUIRK_PHRASE, HostController, SpeedRecorder, identify, quirk_signature
+from hil.control.hostctl import HostController, SpeedRecorder, identify
 from hil.control.lifecycle import Lifecycle
-from hil.errors import HilError, InputError
+from hil.control.portevidence import PortEvidence
+from hil.errors import Fault, HilError, InputError
+from hil.report.environment import HOST_INCOMPATIBILITY_PHRASE
 from hil.usbboot.host import DEFAULT_SETTLE, UsbBootResult
 from hil.usbboot.trace import Listener
 
 #: Boot stages timed in the matrix (the settle pauses are fixed sleeps, not measurements).
 STAGES = ("rom", "rom_transfer", "second_stage", "file_server", "mass_storage")
-QUIRK = "cm1-quirk"  # an attempt's category when it failed with the quirk's signature
+HOST = "host-incompatibility"  # a failure's category once classify() has the evidence for it
 PASS = "pass"
 
 Cable = Callable[[str], None]
+Capture = Callable[[str], PortEvidence]  # port -> the evidence recorder of one attempt
 
 
 @dataclass
@@ -47,22 +50,37 @@ class Attempt:
     controller: HostController
     attempt: int
     ok: bool
-    category: str  # "pass", "cm1-quirk", or the failure's fault: "infrastructure", "product", "input"
+    category: str  # "pass", "host-incompatibility", or the failure's fault: "infrastructure", "product", "input"
     seconds: dict[str, float]  # completed stages
     speeds: dict[str, str]  # enumeration stage -> "full", "high", ...
     message: str = ""
     error: HilError | None = field(default=None, repr=False)
     result: UsbBootResult | None = field(default=None, repr=False)
+    evidence: dict[str, Any] = field(default_factory=dict, repr=False)  # what a host bug report needs
 
     @property
-    def quirk(self) -> bool:
-        return self.category == QUIRK
+    def incompatible(self) -> bool:
+        return self.category == HOST
+
+    @property
+    def host(self) -> str:
+        """The controller as a person tells it apart: its label and its root hub's product string."""
+        root = f"; {self.controller.hubs[0].product}" if self.controller.hubs else ""
+        return f"{self.controller.label}{root}"
 
     def describe(self) -> str:
         speeds = ", ".join(f"{k} {v}" for k, v in self.speeds.items()) or "speeds unknown"
         total = sum(self.seconds.values())
         outcome = f"ok in {total:.2f} s" if self.ok else f"FAILED ({self.category}): {self.message}"
-        return f"{self.model} via {self.port} [{self.controller.label}] #{self.attempt}: {outcome}; {speeds}"
+        rom = self.rom_attempts()
+        tries = f"; ROM exchanges: {'; '.join(rom)}" if len(rom) > 1 or any("status" in r for r in rom) else ""
+        return f"{self.model} via {self.port} [{self.host}] #{self.attempt}: {outcome}; {speeds}{tries}"
+
+    def rom_attempts(self) -> list[str]:
+        """Each ROM exchange's outcome ("ok", "status 0x...", a failed transfer)."""
+        records = (self.result.rom_attempts if self.result is not None
+                   else self.error.evidence.get("rom_attempts", []) if self.error is not None else [])
+        return [str(r.get("outcome", "?")) for r in records]
 
 
 def _stage_seconds(stages: Sequence[Any]) -> dict[str, float]:
@@ -76,10 +94,12 @@ def _stage_seconds(stages: Sequence[Any]) -> dict[str, float]:
 
 
 def boot_once(lifecycle: Lifecycle, payload: str | Path | None, attempt: int = 1, *,
-              controller: HostController | None = None, listener: Listener | None = None) -> Attempt:
+              controller: HostController | None = None, listener: Listener | None = None,
+              capture: Capture = PortEvidence) -> Attempt:
     """Power-cycle the module into USB boot on the rig's (first) port and serve it into mass storage.
 
-    A failure is returned, not raised: it is a data point of the matrix. ``listener`` sees the stages."""
+    A failure is returned, not raised: it is a data point of the matrix. ``listener`` sees the stages;
+    ``capture(port)`` records the kernel log and usbmon evidence while the attempt runs."""
     rig = lifecycle.rig
     port = rig.usb_port
     controller = controller or identify(port)
@@ -88,29 +108,69 @@ def boot_once(lifecycle: Lifecycle, payload: str | Path | None, attempt: int = 1
     if rig.virtual is not None:  # the module's readiness is modelled in device time
         options["settle"] = DEFAULT_SETTLE / rig.virtual.speedup
     lifecycle.off()
+    failure: HilError | None = None
     try:
-        result = lifecycle.mass_storage(payload, **options)
-    except HilError as e:
-        trace = e.evidence.get("trace") or {}
-        quirk = quirk_signature(rig.model, e, recorder.speeds)
-        category, message = (QUIRK, f"{QUIRK_PHRASE}: {quirk} ({e})") if quirk else (e.fault.value, str(e))
-        return Attempt(rig.name, rig.model.name, port, controller, attempt, False, category,
-                       _stage_seconds(trace.get("stages", [])), dict(recorder.speeds), message, error=e)
+        with capture(port) as evidence:
+            try:
+                result = lifecycle.mass_storage(payload, **options)
+            except HilError as e:
+                failure = e
     finally:
         lifecycle.off()
+    facts = {**evidence.to_dict(), "speeds": dict(recorder.speeds), "controller": controller.to_dict()}
+    if failure is not None:
+        trace = failure.evidence.get("trace") or {}
+        return Attempt(rig.name, rig.model.name, port, controller, attempt, False, failure.fault.value,
+                       _stage_seconds(trace.get("stages", [])), dict(recorder.speeds), str(failure), error=failure,
+                       evidence=facts)
     return Attempt(rig.name, rig.model.name, port, controller, attempt, True, PASS, _stage_seconds(result.stages),
-                   dict(recorder.speeds), result=result)
+                   dict(recorder.speeds), result=result, evidence=facts)
+
+
+def classify(attempts: Sequence[Attempt], history: Mapping[str, tuple[int, int]] | None = None) -> list[Attempt]:
+    """Call an infrastructure failure a host-controller incompatibility only on evidence; returns those changed.
+
+    Evidence is either that the same module (same rig) booted through another port in this run, or that this
+    port's ``history`` (port -> (passes, attempts) of this rig over all runs) shows it failing most of the time
+    while another port passes most of the time. Without either, a failure keeps its fault: a cable, power or
+    hub problem must not be filed as a known incompatibility."""
+    booted: dict[str, dict[str, str]] = {}
+    for a in attempts:
+        if a.ok:
+            booted.setdefault(a.rig, {})[a.port] = a.host
+    changed = []
+    for a in attempts:
+        if a.ok or a.category != Fault.INFRASTRUCTURE.value:
+            continue
+        elsewhere = {p: label for p, label in booted.get(a.rig, {}).items() if p != a.port}
+        why = ""
+        if elsewhere:
+            why = (f"the same {a.model} booted through " + ", ".join(f"{p} [{label}]" for p, label in elsewhere.items())
+                   + " in this run")
+        elif history:
+            passes, tries = history.get(a.port, (0, 0))
+            good = {p: h for p, h in history.items() if p != a.port and 2 * h[0] > h[1]}
+            if tries and 2 * passes < tries and good:
+                why = (f"port {a.port} booted {passes}/{tries} times in this rig's history while "
+                       + ", ".join(f"{p} booted {h[0]}/{h[1]}" for p, h in good.items()))
+        if why:
+            a.category = HOST
+            a.message = f"{HOST_INCOMPATIBILITY_PHRASE} on {a.port} [{a.host}]: {why}. {a.message}"
+            changed.append(a)
+    return changed
 
 
 def run_matrix(lifecycle: Lifecycle, attempts: int, payload: str | Path | None, store: MatrixStore, *,
                ports: Sequence[str] = (), cable: Cable | None = None,
                listener: Callable[[], Listener] | None = None,
                step: Callable[[str, int], AbstractContextManager[object]] = lambda port, n: contextlib.nullcontext(),
-               progress: Callable[[Attempt], None] = lambda a: None) -> tuple[int, list[Attempt]]:
+               progress: Callable[[Attempt], None] = lambda a: None,
+               capture: Capture = PortEvidence) -> tuple[int, list[Attempt]]:
     """Boot through each port (default: all the rig's) ``attempts`` times; returns the run's id and attempts.
 
     Each attempt runs inside ``step(port, n)`` (a report step, say) with a fresh ``listener()``, and is handed
-    to ``progress`` there once recorded."""
+    to ``progress`` there once recorded. At the end the failures are classified (:func:`classify`) against
+    this run and the port history, and the store is told."""
     rig = lifecycle.rig
     if attempts < 1:
         raise InputError(f"--attempts {attempts}: boot at least once per port", stage="matrix")
@@ -130,7 +190,7 @@ def run_matrix(lifecycle: Lifecycle, attempts: int, payload: str | Path | None, 
             for number in range(1, attempts + 1):
                 with step(port, number):
                     result = boot_once(lifecycle, payload, number, controller=controller,
-                                       listener=listener() if listener else None)
+                                       listener=listener() if listener else None, capture=capture)
                     store.add(run, result)
                     done.append(result)
                     progress(result)
@@ -139,6 +199,8 @@ def run_matrix(lifecycle: Lifecycle, attempts: int, payload: str | Path | None, 
         lifecycle.rig = rig
         if cable is not None:
             cable(rig.usb_port)
+    for a in classify(done, store.port_history(rig.name)):
+        store.reclassify(run, a)
     return run, done
 
 
@@ -154,7 +216,7 @@ class Cell:
     per_run: list[tuple[int, int]]  # (passes, attempts) of each run, oldest first
     run_passes: int  # the run asked about (0/0 if it did not touch this square)
     run_attempts: int
-    quirks: int  # failures with the CM1 quirk's signature
+    incompatible: int  # failures classified as host-controller incompatibilities
     median: dict[str, float]  # stage -> median seconds over the attempts that completed it
 
     @property
@@ -167,6 +229,7 @@ CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY, started REAL, host TEXT
 CREATE TABLE IF NOT EXISTS attempts (
     run INTEGER REFERENCES runs(id), rig TEXT, model TEXT, port TEXT, controller TEXT, identity TEXT,
     attempt INTEGER, ok INTEGER, category TEXT, message TEXT, seconds TEXT, speeds TEXT);
+CREATE TABLE IF NOT EXISTS evidence (run INTEGER, port TEXT, attempt INTEGER, evidence TEXT);
 """
 
 
@@ -201,6 +264,23 @@ class MatrixStore:
                              (run, a.rig, a.model, a.port, a.controller.label, json.dumps(a.controller.to_dict()),
                               a.attempt, int(a.ok), a.category, a.message, json.dumps(a.seconds),
                               json.dumps(a.speeds)))
+            self._db.execute("INSERT INTO evidence VALUES (?, ?, ?, ?)",
+                             (run, a.port, a.attempt, json.dumps(a.evidence, default=str)))
+
+    def reclassify(self, run: int, a: Attempt) -> None:
+        with self._db:
+            self._db.execute("UPDATE attempts SET category = ?, message = ? WHERE run = ? AND port = ? AND attempt = ?",
+                             (a.category, a.message, run, a.port, a.attempt))
+
+    def port_history(self, rig: str) -> dict[str, tuple[int, int]]:
+        """port -> (passes, attempts) of ``rig`` over every run."""
+        rows = self._db.execute("SELECT port, SUM(ok), COUNT(*) FROM attempts WHERE rig = ? GROUP BY port", (rig,))
+        return {port: (int(passes), int(count)) for port, passes, count in rows}
+
+    def evidence(self, run: int, port: str, attempt: int) -> dict[str, Any]:
+        row = self._db.execute("SELECT evidence FROM evidence WHERE run = ? AND port = ? AND attempt = ?",
+                               (run, port, attempt)).fetchone()
+        return json.loads(row[0]) if row else {}
 
     def runs(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
@@ -227,20 +307,20 @@ class MatrixStore:
             this = per_run.get(run, [0, 0]) if run is not None else [0, 0]
             cells.append(Cell(controller, model, sorted({r[3] for r in rows}), sum(r[4] for r in rows), len(rows),
                               [(p, n) for p, n in per_run.values()], this[0], this[1],
-                              sum(1 for r in rows if r[5] == QUIRK),
+                              sum(1 for r in rows if r[5] == HOST),
                               {s: statistics.median(times[s]) for s in STAGES if s in times}))
         return cells
 
 
 def format_table(cells: Sequence[Cell]) -> str:
     """The matrix as text: one line per controller x model."""
-    header = ["controller", "model", "ports", "this run", "history", "runs", "last runs", "quirk",
+    header = ["controller", "model", "ports", "this run", "history", "runs", "last runs", "host-incompat",
               *(f"{s} s" for s in STAGES)]
     lines = [header]
     for c in cells:
         lines.append([c.controller, c.model, ",".join(c.ports),
                       f"{c.run_passes}/{c.run_attempts}" if c.run_attempts else "-", f"{c.passes}/{c.attempts}",
-                      str(len(c.per_run)), " ".join(f"{p}/{n}" for p, n in c.per_run[-5:]), str(c.quirks),
+                      str(len(c.per_run)), " ".join(f"{p}/{n}" for p, n in c.per_run[-5:]), str(c.incompatible),
                       *(f"{c.median[s]:.3f}" if s in c.median else "-" for s in STAGES)])
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in lines) + "\n"
@@ -270,8 +350,8 @@ def plot(cells: Sequence[Cell], path: Path, title: str = "USB boot: host control
                 text = f"{cell.passes}/{cell.attempts}\n{len(cell.per_run)} run(s)"
                 if cell.run_attempts:
                     text += f"\nthis run {cell.run_passes}/{cell.run_attempts}"
-                if cell.quirks:
-                    text += f"\nCM1 quirk x{cell.quirks}"
+                if cell.incompatible:
+                    text += f"\nhost-incompatible x{cell.incompatible}"
                 left.text(x, y, text, ha="center", va="center", fontsize=8,
                           bbox={"facecolor": "white", "alpha": 0.75, "linewidth": 0})
     labels = [f"{c.model} @ {c.controller.split(' (')[0]}" for c in cells]

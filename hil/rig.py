@@ -68,6 +68,8 @@ class RelayLine:
     gpio: int
     active_high: bool
     pin_factory: str
+    #: the relay's state when no process drives the GPIO (set by the board's pull resistors): True = energised
+    rest_on: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,21 @@ class Power:
     on: tuple[str, ...] = ()
     off: tuple[str, ...] = ()
     status: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class UsbBootOptions:
+    """How the USB boot host treats the boot ROM and which disk it writes after (``[usb]`` keys ``rom_retries``,
+    ``signed_boot``, ``disk``).
+
+    ``rom_retries``: failed ROM exchanges repeated per boot, as rpiboot repeats them (without its bound);
+    ``signed``: send ``bootcode.sig`` in the boot message to a BCM2835/2837 (``rpiboot -s``);
+    ``disk``: mass-storage-gadget64 exports a carrier's NVMe beside the eMMC; the eMMC is written unless
+    ``disk = "nvme"``."""
+
+    rom_retries: int = 2
+    signed: bool = False
+    disk: str = "emmc"  # which disk of the module to write: "emmc", or "nvme" on a carrier with an M.2 drive
 
 
 @dataclass(frozen=True)
@@ -139,11 +156,13 @@ class Virtual:
     emmc: VirtualEmmc
     usb: Mapping[str, Any]  # quirks and faults of the USB side, validated by the virtual USB model
     console: Mapping[str, Any]  # faults of the console side (unplug, garbage)
-    #: USB port -> its host controller and profile ("xhci-lenient", "ehci-strict"), checked by the virtual bus;
-    #: ports not listed hang off a lenient xHCI controller
+    #: USB port -> its host controller and profile ("xhci-lenient", "ehci-hypothesis-maxpacket"), checked by the
+    #: virtual bus; ports not listed hang off a lenient xHCI controller
     controllers: Mapping[str, str] = field(default_factory=dict)
     #: what boots from the eMMC: "model" (the simulated boot chain) or "qemu" (a real kernel; cm3 and cm3+)
     boot_engine: str = "model"
+    #: relay line -> energised at rest on the virtual board, where it differs from the rig's declared rest
+    relay_rest: Mapping[str, bool] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -177,6 +196,9 @@ class Rig:
     extra: Mapping[str, Any] = field(default_factory=dict)
     power: Power = field(default_factory=Power)
     customise: Customise = field(default_factory=lambda: Customise())
+    usb_boot: UsbBootOptions = field(default_factory=UsbBootOptions)
+    #: USB port -> the command that connects the module to it (a USB switch, uhubctl), for ``hil matrix``
+    usb_select: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def usb_port(self) -> str:
@@ -327,6 +349,8 @@ def _parse(file: Path, raw: dict[str, Any], check_devices: bool) -> Rig:
                                f"add it to [usb] ports or use one of {', '.join(ports)}")
     payload_s = usb.get("payload", str)
     payload = (file.parent / payload_s).resolve() if payload_s else None
+    usb_boot = _usb_boot(usb)
+    usb_select = _usb_select(usb, ports)
     usb.done()
 
     console = _console(top.table("console", required=True), name, virtual is not None, check_devices)  # type: ignore[arg-type]
@@ -362,7 +386,7 @@ def _parse(file: Path, raw: dict[str, Any], check_devices: bool) -> Rig:
     top.done()
     return Rig(name=name, path=file, model=model, emmc_size=emmc_size, relays=relays, usb_ports=ports,
                payload=payload, console=console, timeouts=timeouts, markers=markers, forbidden=forbidden,
-               virtual=virtual, power=power, customise=customise)
+               virtual=virtual, power=power, customise=customise, usb_boot=usb_boot, usb_select=usb_select)
 
 
 def _regex(t: _Table, key: str) -> str:
@@ -443,7 +467,7 @@ def _relays(t: _Table, virtual: bool, power_relay: bool = True) -> Relays:
         if line_factory not in PIN_FACTORIES:
             raise sub.fail("pin_factory", f"unknown pin factory {line_factory!r}",
                            f"use one of {', '.join(PIN_FACTORIES)}")
-        lines[role] = RelayLine(role, gpio, sub.get("active_high", bool, True), line_factory)
+        lines[role] = RelayLine(role, gpio, sub.get("active_high", bool, True), line_factory, _rest(sub, "rest"))
         sub.done()
     if lines["power"] is not None and not power_relay:
         raise t.fail("power", "is set, but [power] switches the module's supply another way",
@@ -457,6 +481,29 @@ def _relays(t: _Table, virtual: bool, power_relay: bool = True) -> Relays:
                      "add [relays.eeprom_nwp] or remove nwp_protect_at_rest")
     t.done()
     return Relays(lines["power"], lines["nrpi_boot"], lines["eeprom_nwp"], off_time, protect)
+
+
+def _rest(t: _Table, key: str) -> bool:
+    """A relay's state at rest, "off" or "on": True when it is energised with its GPIO not driven."""
+    value = t.get(key, str, "off")
+    if value not in ("off", "on"):
+        raise t.fail(key, f"{value!r} is not a relay state", f'write {key} = "off" (de-energised when no process '
+                     'drives the GPIO) or "on"')
+    return value == "on"
+
+
+def _virtual_relays(t: _Table | None) -> dict[str, bool]:
+    """``[virtual.relays]``: how the virtual relay board's pulls really rest, per line (default: as declared)."""
+    if t is None:
+        return {}
+    found = {}
+    for role in t.data:
+        if role not in ("power", "nrpi_boot", "eeprom_nwp"):
+            t.seen.add(role)
+            raise t.fail(role, "is not a relay line", "use power, nrpi_boot or eeprom_nwp")
+        found[role] = _rest(t, role)
+    t.done()
+    return found
 
 
 def _ports(t: _Table) -> tuple[str, ...]:
@@ -474,6 +521,33 @@ def _ports(t: _Table) -> tuple[str, ...]:
     if len(set(all_ports)) != len(all_ports):
         raise t.fail("ports", "lists a port twice", "list each port once")
     return tuple(all_ports)
+
+
+def _usb_boot(t: _Table) -> UsbBootOptions:
+    retries = t.get("rom_retries", int, UsbBootOptions.rom_retries)
+    if not 0 <= retries <= 20:
+        raise t.fail("rom_retries", f"{retries} is not a usable number of ROM retries",
+                     "use 0 (fail on the first failed exchange) to 20; the default is 2")
+    disk = t.get("disk", str, "emmc")
+    if disk not in ("emmc", "nvme"):
+        raise t.fail("disk", f"{disk!r} is not a disk of a Compute Module", 'write disk = "emmc" (default) or "nvme"')
+    return UsbBootOptions(retries, t.get("signed_boot", bool, False), disk)
+
+
+def _usb_select(t: _Table, ports: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """``[usb.select]``: ``"PORT" = ["program", "arg", ...]`` for ports of ``[usb] ports``."""
+    select = t.table("select")
+    if select is None:
+        return {}
+    found: dict[str, tuple[str, ...]] = {}
+    for port in select.data:
+        if port not in ports:
+            select.seen.add(port)
+            raise select.fail(port, f"names port {port}, which [usb] ports does not list",
+                              f"use one of {', '.join(ports)}")
+        found[port] = _argv(select, port, required=True)
+    select.done()
+    return found
 
 
 def _console(t: _Table, rig_name: str, virtual: bool, check_devices: bool) -> Console:
@@ -537,21 +611,22 @@ def _virtual(t: _Table, rig_name: str) -> Virtual:
     console_data = dict(console.data) if console else {}
     if console:
         console.seen.update(console.data)
+    relay_rest = _virtual_relays(t.table("relays"))
     t.done()
     return Virtual(speedup, state_dir, VirtualEmmc(write_bps, read_bps, tuple(errors), loop), usb_data, console_data,
-                   controllers, boot_engine)
+                   controllers, boot_engine, relay_rest)
 
 
 def _controllers(t: _Table) -> dict[str, str]:
     """``"PORT" = "KIND-PROFILE"``; which kinds and profiles exist is the virtual bus's to say."""
     found: dict[str, str] = {}
     for port in t.data:
-        value = t.get(port, str, fix=f'write "{port}" = "xhci-lenient" (or "ehci-strict", ...)')
+        value = t.get(port, str, fix=f'write "{port}" = "xhci-lenient" (or "ehci-hypothesis-maxpacket", ...)')
         if not _PORT_PATH.match(port):
             raise t.fail(port, f"{port!r} is not a USB port path", 'quote a port of [usb] ports, e.g. "15-1"')
-        if not re.match(r"^[a-z]+(-[a-z]+)?$", value):
+        if not re.match(r"^[a-z]+(-[a-z]+)*$", value):
             raise t.fail(port, f"{value!r} is not a controller",
-                         'write KIND-PROFILE, e.g. "xhci-lenient" or "ehci-strict"')
+                         'write KIND-PROFILE, e.g. "xhci-lenient" or "ehci-hypothesis-maxpacket"')
         found[port] = value
     return found
 
@@ -601,6 +676,9 @@ def describe(rig: Rig) -> str:
         f"model      {rig.model.name} ({rig.model.chip}, boot ROM 0a5c:{rig.model.rom_pid:04x})",
         f"eMMC       {rig.emmc_size} bytes ({rig.emmc_size / 1024**3:.2f} GiB)",
         f"USB port   {', '.join(rig.usb_ports)}" + (f"  payload {rig.payload}" if rig.payload else ""),
+        f"USB boot   {rig.usb_boot.rom_retries} ROM retries" + (", signed" if rig.usb_boot.signed else "")
+        + f", writes the {rig.usb_boot.disk}",
+        *(f"USB select {port}: {shlex.join(argv)}" for port, argv in rig.usb_select.items()),
         f"console    {rig.console.device} @ {rig.console.baud}" + ("  (virtual pty)" if rig.console.virtual else ""),
     ]
     if rig.power.backend == "uhubctl":
@@ -610,7 +688,7 @@ def describe(rig: Rig) -> str:
                      + (f"; status {shlex.join(rig.power.status)}" if rig.power.status else ""))
     for line in r.lines():
         lines.append(f"relay      {line.role:<10} GPIO{line.gpio:<3} active-{'high' if line.active_high else 'low'}"
-                     f"  pin factory {line.pin_factory}")
+                     f"  pin factory {line.pin_factory}  at rest {'on' if line.rest_on else 'off'}")
     rest = "protected (low)" if r.nwp_protect_at_rest else "released"
     lines.append(f"off time   {r.off_time} s; EEPROM_nWP at rest: {rest}")
     lines.append("timeouts   " + ", ".join(f"{k}={v:g}s" for k, v in rig.timeouts.items()))

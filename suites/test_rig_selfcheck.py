@@ -12,6 +12,7 @@ import pytest
 from hil.control.bootmode import BootMode
 from hil.control.console import Console
 from hil.control.lifecycle import Lifecycle
+from hil.control.restcheck import check_rest
 from hil.errors import Fault
 from hil.rig import Rig
 
@@ -26,6 +27,18 @@ def test_power_switch_toggles(lifecycle: Lifecycle) -> None:
     with allure.step("switch off"):
         lifecycle.off()
         assert not lifecycle.power.is_on
+
+
+def test_relay_lines_rest_as_the_rig_file_says(lifecycle: Lifecycle, rig: Rig) -> None:
+    """After a process that drove them exits, each relay line does what ``rest`` says (the board's pulls), so
+    "off" needs no running process."""
+    if not rig.relays.lines():
+        pytest.skip("no relay lines")
+    with allure.step("release the lines; a child process drives them away from rest and exits; read them"), \
+            lifecycle.lines_released():
+        states = check_rest(rig)
+    allure.attach("".join(f"{role}  {'on' if on else 'off'}\n" for role, on in states.items()),
+                  name="relay lines at rest", attachment_type=allure.attachment_type.TEXT)
 
 
 @pytest.mark.needs("nrpi_boot")

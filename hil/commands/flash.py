@@ -131,7 +131,7 @@ def _run(args: argparse.Namespace) -> int:
         if not args.no_usbboot:  # the bank powers the module off again when the flash ends, however it ends
             _power_usb_boot(stack.enter_context(RelayBank(rig.relays)), rig)
             UsbBoot.for_rig(rig, args.payload).run()
-        disk = wait_for_disk(rig.usb_port, rig.timeouts["mass_storage"])
+        disk = wait_for_disk(rig.usb_port, rig.timeouts["mass_storage"], target=rig.usb_boot.disk)
         print(f"disk    {disk.describe()}" + (f", {disk.by_path}" if disk.by_path else ""))
         with guard_disk(disk, rig) as guarded:
             if args.dry_run:

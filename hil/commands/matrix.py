@@ -1,8 +1,9 @@
 """``hil matrix``: boot a rig's module through each of its USB ports K times; table and picture of the history.
 
-A virtual rig moves its own cable between ports. A real module is cabled to one port at a time, so a real
-rig with several ports runs one ``--port`` per invocation (after moving the cable); the runs meet in
-``reports/matrix.db`` and the table shows them together.
+A virtual rig moves its own cable between ports; a real rig runs its ``[usb.select]`` command per port (a USB
+switch, uhubctl), or, without one, runs one ``--port`` per invocation after the cable was moved. The runs meet
+in ``matrix.db`` beside the nightly reports, and the table shows them together. The exit code is that of the
+worst failure (a host-controller incompatibility is infrastructure, 3) unless ``--record-only``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import tempfile
 from pathlib import Path
 
 from hil.control.lifecycle import Lifecycle
-from hil.errors import InputError
+from hil.control.usbselect import command_cable
+from hil.errors import ExitCode, InputError
 from hil.matrix import Attempt, Cable, MatrixStore, format_table, plot, run_matrix
+from hil.nightly import reports_root
 from hil.rig import Rig, load_rig
 
 
@@ -30,36 +33,60 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "rig's). A real rig: the one the module is cabled to now")
     p.add_argument("--payload", type=Path, help="usbboot payload folder (default: the rig file's; virtual rigs: "
                    "a generated stand-in)")
-    p.add_argument("--reports", type=Path, default=Path("reports"), help="where matrix.db and matrix.png go "
-                   "(default: reports)")
+    p.add_argument("--reports", type=Path, default=None, help="where matrix.db and matrix.png go (default: "
+                   "HIL_REPORTS_DIR or reports/, beside the nightly reports and their history)")
+    p.add_argument("--record-only", action="store_true", help="exit 0 even when a port fails: only add the "
+                   "attempts to the history")
     p.set_defaults(func=_run)
 
 
 def _progress(attempt: Attempt) -> None:
     print(attempt.describe(), flush=True)
+    if not attempt.ok:
+        for line in attempt.evidence.get("kernel_log") or []:
+            print(f"    kernel: {line}")
+        for key in ("kernel_log_note", "usbmon_note"):
+            if attempt.evidence.get(key):
+                print(f"    {attempt.evidence[key]}")
+
+
+_WORST = (ExitCode.INPUT, ExitCode.INFRASTRUCTURE, ExitCode.PRODUCT)
 
 
 def _run(args: argparse.Namespace) -> int:
     rig = load_rig(args.rig)
-    if not rig.is_virtual and len(args.port or rig.usb_ports) > 1:
-        raise InputError(f"rig {rig.name} is real hardware: its module is cabled to one USB port at a time. Fix: "
-                         "run `hil matrix --rig ... --port PORT` once per port, moving the cable in between; the "
-                         f"runs add up in {args.reports / 'matrix.db'}", stage="matrix")
+    args.reports = args.reports or reports_root()
+    ports = list(args.port or rig.usb_ports)
+    if args.attempts < 1:
+        raise InputError(f"--attempts {args.attempts}: boot at least once per port", stage="matrix")
     with contextlib.ExitStack() as stack:
-        cable: Cable | None = None
         payload = args.payload or rig.payload
         if rig.is_virtual:
+            cable: Cable | None
             cable, payload = _virtual(stack, rig, payload)
+        else:
+            cable = command_cable(rig, ports)
         lifecycle = stack.enter_context(Lifecycle(rig))
         store = stack.enter_context(MatrixStore(args.reports))
-        run, _ = run_matrix(lifecycle, args.attempts, payload, store, ports=args.port, cable=cable,
-                            progress=_progress)
+        run, attempts = run_matrix(lifecycle, args.attempts, payload, store, ports=args.port, cable=cable,
+                                   progress=_progress)
         cells = store.cells(run)
     print()
     print(format_table(cells), end="")
     picture = plot(cells, args.reports / "matrix.png")
     print(f"\nrun {run} added to {args.reports / 'matrix.db'}; picture {picture}")
-    return 0
+    failed = [a for a in attempts if not a.ok]
+    for a in failed:
+        if a.incompatible:
+            print(f"{a.port}: {a.message}")
+    if not failed or args.record_only:
+        return 0
+    codes = {a.error.exit_code for a in failed if a.error is not None}
+    code = next((c for c in _WORST if c in codes), ExitCode.INFRASTRUCTURE)
+    ports_failed = sorted({a.port for a in failed})
+    print(f"{len(failed)} of {len(attempts)} boots failed, on {', '.join(ports_failed)} (exit {int(code)}; "
+          "--record-only to only record)", file=sys.stderr)
+    return int(code)
 
 
 def _virtual(stack: contextlib.ExitStack, rig: Rig, payload: Path | None) -> tuple[Cable, Path]:

@@ -16,7 +16,7 @@ from hil.errors import HilError, InputError
 from hil.models import MODELS
 from hil.rig import load_rig, parse_stage_timeout
 from hil.units import human_size
-from hil.usbboot.host import DEFAULT_ROM_ATTEMPTS, DEFAULT_SETTLE, READ_TIMEOUT, UsbBoot, UsbBootResult
+from hil.usbboot.host import DEFAULT_ROM_RETRIES, DEFAULT_SETTLE, READ_TIMEOUT, UsbBoot, UsbBootResult
 from hil.usbboot.trace import FileServed, Listener, StageTiming
 
 _STAGES = ("rom", "rom_transfer", "second_stage", "file_server", "mass_storage")
@@ -38,8 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"seconds between enumeration and the first request (default {DEFAULT_SETTLE:g})")
     p.add_argument("--read-timeout", type=float, default=READ_TIMEOUT,
                    help=f"seconds per status/request read (default {READ_TIMEOUT:g})")
-    p.add_argument("--rom-attempts", type=int, default=DEFAULT_ROM_ATTEMPTS,
-                   help=f"ROM passes allowed for a stale ROM sighting (default {DEFAULT_ROM_ATTEMPTS})")
+    p.add_argument("--rom-retries", type=int, default=None,
+                   help=f"failed ROM exchanges to repeat (default: the rig file's, else {DEFAULT_ROM_RETRIES})")
+    p.add_argument("--signed", action="store_true", default=None,
+                   help="send bootcode.sig in the boot message to a CM1/CM3 (as rpiboot -s)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the result (or the failure) as JSON")
     p.add_argument("--metadata", type=Path, metavar="FILE", help="write the device's metadata as JSON")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
@@ -80,7 +82,8 @@ def _timeouts(items: list[str]) -> dict[str, float]:
 
 def _run(args: argparse.Namespace) -> int:
     options: dict[str, Any] = dict(
-        settle=args.settle, read_timeout=args.read_timeout, rom_attempts=args.rom_attempts,
+        settle=args.settle, read_timeout=args.read_timeout,
+        **{k: v for k, v in (("rom_retries", args.rom_retries), ("signed", args.signed)) if v is not None},
         expect_mass_storage={"auto": None, "mass-storage": True, "nothing": False}[args.expect],
         metadata_json=args.metadata, listener=Listener() if args.quiet else _Progress(sys.stdout))
     try:
@@ -116,5 +119,7 @@ def _summary(result: UsbBootResult) -> str:
     end = f"now {result.final_identity}" if result.final_identity else "no device after the file server"
     lines = [f"usbboot {result.model} on {result.port}: {total:.2f} s, {len(result.files_served)} file(s), "
              f"{human_size(sent)} sent; {end}"]
+    if len(result.rom_attempts) > 1 or any(a.get("status") for a in result.rom_attempts):
+        lines += [f"  ROM exchange {a['attempt']}: {a.get('outcome', '?')}" for a in result.rom_attempts]
     lines += [f"  {key}: {value}" for key, value in result.metadata.items()]
     return "\n".join(lines)

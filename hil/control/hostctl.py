@@ -1,7 +1,7 @@
-"""Which host controller a USB port hangs off, and whether a failure there is the known CM1 quirk.
+"""Which host controller a USB port hangs off, and the speed each boot stage enumerated at.
 
-The BCM2835 (CM1) boot ROM fails on some USB ports and not others, "likely specific to the host controller
-and driver" (usbboot-protocol.md section 6), so every USB boot result worth keeping names the controller:
+A boot ROM can fail on some USB ports and not others, "likely specific to the host controller and driver"
+(usbboot-protocol.md section 6), so every USB boot result worth keeping names the controller:
 its driver (``xhci_hcd``, ``ehci-pci``, ``dwc2``, ...), its PCI ids or platform identity, the hubs between
 it and the port, and the speed each boot stage enumerated at. All of it is read from sysfs through udev,
 walking up from the port's bus (``usbN``) and hubs, so it works with nothing on the port.
@@ -9,19 +9,15 @@ walking up from the port's bus (``usbN``) and hubs, so it works with nothing on 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyudev
 
-from hil.errors import HilError, InfrastructureError
-from hil.models import ModuleModel
+from hil.errors import InfrastructureError
 from hil.usbboot.selection import PortPath
 from hil.usbboot.trace import FileServed, Listener, StageTiming
 
-#: The phrase the report's "Known CM1 host-controller incompatibility" category keys on (report/allurerc.json).
-QUIRK_PHRASE = "CM1 host-controller quirk"
 #: sysfs ``speed`` (Mb/s) -> the USB speed's name.
 SPEED_NAMES = {"1.5": "low", "12": "full", "480": "high", "5000": "super", "10000": "super+", "20000": "super+"}
 #: Stages of the USB boot host that end when a device has enumerated on the port.
@@ -144,23 +140,3 @@ class SpeedRecorder(Listener):
 
     def file_served(self, served: FileServed) -> None:
         self.inner.file_served(served)
-
-
-def quirk_signature(model: ModuleModel, error: BaseException, speeds: Mapping[str, str]) -> str | None:
-    """Why ``error`` looks like the BCM2835 ROM's host-controller incompatibility, or None if it does not.
-
-    The signature (usbboot-protocol.md section 6): a BCM2835 ROM, enumerated at full speed, whose very first
-    transfer fails with IO (-1, what Linux and macOS report) or PIPE (-9, Windows), before anything got
-    through. A ROM that never appears, or fails later, is some other fault (cable, power, hub).
-    """
-    if not model.rom_full_speed or not isinstance(error, HilError) or error.stage != "usbboot.rom_transfer":
-        return None
-    if speeds.get("rom") != "full":
-        return None
-    trace = error.evidence.get("trace") or {}
-    transfers = [t for t in trace.get("transfers", []) if t.get("stage") == "rom_transfer"]
-    if not transfers or transfers[0].get("result") not in ("io", "pipe"):
-        return None
-    first = transfers[0]
-    return (f"the {model.chip} boot ROM enumerated at full speed and its first transfer ({first.get('kind')}, "
-            f"{first.get('note')}) failed with {first.get('result')}")

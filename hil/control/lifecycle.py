@@ -14,6 +14,7 @@ cleanup; for that, a state file records "relays on" *before* anything is switche
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import fcntl
@@ -24,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -202,6 +203,23 @@ class Lifecycle:
         if self._deferred_signal is not None:
             signum, self._deferred_signal = self._deferred_signal, None
             raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+
+    @contextlib.contextmanager
+    def lines_released(self) -> Iterator[None]:
+        """The rig safe and its relay lines let go (gpiozero inputs) for a while, as when no process holds them,
+        to see how they rest (:mod:`hil.control.restcheck`); taken back and made safe again after."""
+        with self._mutex:
+            self.off()
+            for part in (self._bootmode, self._power):
+                if part is not None:
+                    part.close()
+            self._bootmode = self._power = None
+            try:
+                yield
+            finally:
+                self._power = power_switch(self.rig)
+                self._bootmode = BootMode(self.rig, self._power)
+                self._bootmode.safe()
 
     def _shut_down(self) -> None:
         problems: list[BaseException] = []

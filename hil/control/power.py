@@ -116,6 +116,21 @@ class RelayPower(PowerSwitch):
         self._relay.close()
 
 
+def run_program(argv: tuple[str, ...] | list[str], timeout: float, stage: str, purpose: str, where: str) -> str:
+    """Run a rig file's command (no shell) within ``timeout``; its output, or an InfrastructureError naming it."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError:
+        raise InfrastructureError(f"cannot run {argv[0]!r} {purpose}: no such program. Fix: install it or correct "
+                                  f"the path in {where}", stage=stage) from None
+    except subprocess.TimeoutExpired:
+        raise InfrastructureError(f"{shlex.join(argv)} did not finish within {timeout:g} s", stage=stage) from None
+    if done.returncode != 0:
+        raise InfrastructureError(f"{shlex.join(argv)} failed (exit status {done.returncode}): "
+                                  f"{(done.stderr or done.stdout).strip()[-500:]}", stage=stage)
+    return done.stdout
+
+
 class _ProgramPower(PowerSwitch):
     """A backend that runs programs; each gets the power stage's timeout."""
 
@@ -123,18 +138,7 @@ class _ProgramPower(PowerSwitch):
         """Nothing is held between two runs of a program."""
 
     def _run(self, argv: tuple[str, ...] | list[str]) -> str:
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout, check=False)
-        except FileNotFoundError:
-            raise InfrastructureError(f"cannot run {argv[0]!r} for {self.describe()}: no such program. Fix: "
-                                      "install it or correct the path in the rig file's [power]", stage=STAGE) from None
-        except subprocess.TimeoutExpired:
-            raise InfrastructureError(f"{shlex.join(argv)} did not finish within {self.timeout:g} s",
-                                      stage=STAGE) from None
-        if done.returncode != 0:
-            raise InfrastructureError(f"{shlex.join(argv)} failed (exit status {done.returncode}): "
-                                      f"{(done.stderr or done.stdout).strip()[-500:]}", stage=STAGE)
-        return done.stdout
+        return run_program(argv, self.timeout, STAGE, f"for {self.describe()}", "the rig file's [power]")
 
 
 class UhubctlPower(_ProgramPower):

@@ -13,7 +13,7 @@ import os
 import queue
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyudev
 
@@ -34,6 +34,8 @@ class Disk:
     bus: str  # ID_BUS: "usb" for a USB mass-storage disk
     id_path: str | None  # udev's ID_PATH
     serial: str | None
+    usb_id: str = ""  # idVendor:idProduct of the USB device the disk hangs off, e.g. "0a5c:0104"
+    others: tuple[str, ...] = ()  # the other disks of the same USB device, named and left alone
 
     @property
     def by_path(self) -> str | None:
@@ -45,7 +47,9 @@ class Disk:
 
     def describe(self) -> str:
         ident = " ".join(x for x in (self.vendor, self.model) if x) or "unknown"
-        return f"{self.node} ({ident}, {self.size} bytes, USB port {self.port})"
+        usb = f" {self.usb_id}" if self.usb_id else ""
+        beside = f"; left alone beside it: {', '.join(self.others)}" if self.others else ""
+        return f"{self.node} ({ident}, {self.size} bytes, USB{usb} port {self.port}{beside})"
 
 
 def usb_port(device: pyudev.Device) -> str | None:
@@ -55,10 +59,12 @@ def usb_port(device: pyudev.Device) -> str | None:
 
 
 def _disk(device: pyudev.Device) -> Disk | None:
-    port = usb_port(device)
+    usb = device.find_parent("usb", "usb_device")
     node = device.device_node
-    if port is None or node is None:
+    if usb is None or node is None:
         return None
+    port = usb.sys_name
+    ids = tuple((usb.attributes.get(key) or b"").decode(errors="replace").strip() for key in ("idVendor", "idProduct"))
     props = device.properties
     scsi = device.find_parent("scsi", "scsi_device")
 
@@ -75,7 +81,24 @@ def _disk(device: pyudev.Device) -> Disk | None:
         size = 0
     return Disk(node=node, syspath=device.sys_path, port=port, size=size, vendor=text("ID_VENDOR", "vendor"),
                 model=text("ID_MODEL", "model"), bus=props.get("ID_BUS", "usb"), id_path=props.get("ID_PATH"),
-                serial=props.get("ID_SERIAL"))
+                serial=props.get("ID_SERIAL"), usb_id=":".join(ids) if all(ids) else "")
+
+
+#: What mass-storage-gadget64 writes as each disk's SCSI vendor (its inquiry string is the device name).
+TARGETS = {"emmc": "mmcblk", "nvme": "nvme"}
+
+
+def choose(disks: list[Disk], target: str = "emmc") -> Disk | None:
+    """Of the disks one module exports (eMMC and NVMe on a carrier with an M.2 slot), the ``target`` one by its
+    identity, with the others named in ``others``; None when the identities do not tell."""
+    if len(disks) == 1 and target == "emmc":
+        return disks[0]
+    prefix = TARGETS[target]
+    found = [d for d in disks if d.vendor.lower().startswith(prefix)]
+    if len(found) != 1 or len({d.usb_id for d in disks}) != 1:
+        return None
+    return replace(found[0], others=tuple(f"{d.node} ({d.vendor or 'unknown'}, {d.size} bytes)"
+                                          for d in disks if d is not found[0]))
 
 
 def disks_on_port(port: str, context: pyudev.Context | None = None) -> list[Disk]:
@@ -89,9 +112,10 @@ def disks_on_port(port: str, context: pyudev.Context | None = None) -> list[Disk
     return found
 
 
-def wait_for_disk(port: str, timeout: float, *, context: pyudev.Context | None = None,
+def wait_for_disk(port: str, timeout: float, *, target: str = "emmc", context: pyudev.Context | None = None,
                   clock: Callable[[], float] = time.monotonic) -> Disk:
-    """The disk on ``port`` once its medium has a size. Disks on other ports are ignored."""
+    """The ``target`` disk ("emmc" or "nvme") on ``port`` once its medium has a size. Disks on other ports are
+    ignored; a second disk of the same module (a carrier's NVMe) is named and left alone."""
     context = context or pyudev.Context()
     events: queue.SimpleQueue[None] = queue.SimpleQueue()
     deadline = clock() + timeout
@@ -104,13 +128,11 @@ def wait_for_disk(port: str, timeout: float, *, context: pyudev.Context | None =
     with uevents.hub().listening(on_uevent):
         while True:
             seen = disks_on_port(port, context)
-            if len(seen) > 1:
-                raise InfrastructureError(
-                    f"USB port {port} has {len(seen)} disks ({', '.join(d.node for d in seen)}); a Compute "
-                    "Module shows one. Fix: check the rig's port (is a hub or card reader on it?)",
-                    stage=STAGE, disks=[d.node for d in seen])
-            if seen and seen[0].size > 0:
-                return seen[0]
+            chosen = choose(seen, target) if seen else None
+            if chosen is not None and chosen.size > 0:
+                return chosen
+            if len(seen) > 1 and chosen is None:
+                break  # several disks and none is the one: no need to wait
             remaining = deadline - clock()
             if remaining <= 0:
                 break
@@ -118,6 +140,11 @@ def wait_for_disk(port: str, timeout: float, *, context: pyudev.Context | None =
                 events.get(timeout=min(remaining, uevents.RESCAN))
                 while True:  # drain a burst, then look again
                     events.get_nowait()
+    if seen and choose(seen, target) is None:  # (a module's disks appear one by one: judged at the end)
+        raise InfrastructureError(
+            f"USB port {port} has {len(seen)} disk(s) ({', '.join(d.describe() for d in seen)}) and none is the "
+            f"module's {target} by its identity. Fix: check the rig's port (is a hub or card reader on it?) and "
+            "[usb] disk in the rig file", stage=STAGE, disks=[d.node for d in seen])
     if seen:
         raise ProductError(f"the disk {seen[0].node} on USB port {port} still has no medium (size 0) after "
                            f"{timeout:g} s: the module's eMMC did not come up", stage=STAGE, disk=seen[0].node)

@@ -15,15 +15,16 @@ import fcntl
 import os
 import stat
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import TracebackType
 
 import pyudev
 
+from hil.disk.automount import undo_automounts
+from hil.disk.carrier import EMMC_TOLERANCE, identity_problem, size_ok, target_problem
 from hil.disk.discovery import Disk, disks_on_port
 from hil.errors import InfrastructureError
 from hil.image.tools import run
-from hil.models import emmc_size_plausible
 from hil.rig import Rig
 
 STAGE = "disk.guard"
@@ -111,12 +112,6 @@ def _mounted() -> dict[int, str]:
     return out
 
 
-def expected_size_ok(rig: Rig, size: int) -> bool:
-    """A real rig: one of the model's eMMC sizes. A virtual rig: its configured eMMC size."""
-    model = replace(rig.model, emmc_sizes=(rig.emmc_size,)) if rig.is_virtual else rig.model
-    return size > 0 and emmc_size_plausible(model, size)
-
-
 def guard_disk(disk: Disk, rig: Rig) -> GuardedDisk:
     """Run every check and open the disk; raises :class:`GuardRefusal` naming the failed check."""
     if disk.port != rig.usb_port:
@@ -126,11 +121,19 @@ def guard_disk(disk: Disk, rig: Rig) -> GuardedDisk:
     if disk.bus != "usb":
         raise GuardRefusal("usb transport", disk, f"its transport is {disk.bus!r}, not usb",
                            "a Compute Module in mass-storage mode is a USB disk; check the rig's port")
-    if not expected_size_ok(rig, disk.size):
-        sizes = (f"{rig.emmc_size} bytes (the rig's eMMC)" if rig.is_virtual else
-                 ", ".join(f"{s // 1000**3} GB" for s in rig.model.emmc_sizes))
-        raise GuardRefusal("size", disk, f"{disk.size} bytes is not a {rig.model.name} eMMC size ({sizes})",
-                           f"this is not the module's eMMC, or {rig.path} has the wrong model or [emmc] size")
+    problem = identity_problem(disk)
+    if problem:
+        raise GuardRefusal("usb identity", disk, problem, "flash only the module's own disk; a USB stick, card reader "
+                           f"or another device on port {disk.port} never is one")
+    problem = target_problem(disk, rig)
+    if problem:
+        other = "nvme" if rig.usb_boot.disk == "emmc" else "emmc"
+        raise GuardRefusal("which disk", disk, problem, f'set [usb] disk = "{other}" in {rig.path} to write this '
+                           "one instead")
+    if rig.usb_boot.disk == "emmc" and not size_ok(rig, disk.size):
+        window = ("exactly" if rig.is_virtual else f"up to {EMMC_TOLERANCE:.0%} below")
+        raise GuardRefusal("size", disk, f"{disk.size} bytes is not the rig's eMMC ({window} {rig.emmc_size} bytes)",
+                           f"this is not the module's eMMC, or [emmc] size in {rig.path} is not the one on the module")
     rdev = _device_number(disk)
     parents = _parents()
     ours = rdev
@@ -142,6 +145,7 @@ def guard_disk(disk: Disk, rig: Rig) -> GuardedDisk:
         if ours in _ancestors(dev, parents):
             raise GuardRefusal("system disk", disk, f"it holds {path} of this host",
                                "never flash the host's own disk; check the rig's USB port")
+    undo_automounts(rdev)  # a desktop's automount of our own disk, through udisks; never another disk's
     for dev, where in _mounted().items():
         if ours in _ancestors(dev, parents):
             raise GuardRefusal("mounted", disk, f"it (or a partition of it) is mounted or in use at {where}",

@@ -7,7 +7,9 @@ Allure 3 (config ``categories``) and Allure 2 (``categories.json`` in the result
 whole-message match) and Allure 3 (JavaScript, search), so it either spans the message with ``[\\s\\S]*`` or
 is anchored at its start with ``^``. The first rule that matches wins:
 
-- ``Known CM1 host-controller incompatibility``: the message contains :data:`CM1_QUIRK_PHRASE` anywhere.
+- ``Host-controller incompatibility (the module boots through another port)``: the message contains
+  :data:`HOST_INCOMPATIBILITY_PHRASE` anywhere, which the matrix writes only on that evidence
+  (:func:`hil.matrix.classify`).
 - ``Rig (infrastructure) failures``, ``Module (product) failures``, ``Input errors (rig file, image,
   payload)``: the message starts with the fault tag ``[infrastructure]``, ``[product]`` or ``[input]``
   (after an optional ``ExceptionType: `` prefix, as allure-pytest writes it), as in
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from hil.report.render import ALLURE_CONFIG
 
-CM1_QUIRK_PHRASE = "CM1 host-controller quirk"
+HOST_INCOMPATIBILITY_PHRASE = "host-controller incompatibility"
 
 
 def write_environment(results: Path, props: Mapping[str, str]) -> Path:

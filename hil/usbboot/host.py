@@ -4,6 +4,10 @@ One :class:`UsbBoot` drives one module on one USB port, stage by stage, each aga
 (usbboot-protocol.md sections 2-4 and 10.1). Unlike rpiboot it never loops forever and never reports
 success on a failed transfer: every failure is a typed error naming the stage, blaming the rig
 (:class:`InfrastructureError`) or the module (:class:`ProductError`), and carrying the trace so far.
+
+Where rpiboot is lenient on purpose it is lenient too, but bounded and on the record: a non-zero ROM status
+is recorded and reported, not fatal (rpiboot prints it and goes on, usbboot main.c:651-663), and a failed ROM
+exchange is repeated up to ``rom_retries`` times (rpiboot loops; marginal hosts need it, usbboot #87, #73).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import usb.backend.libusb1
 import usb.core
@@ -37,7 +41,11 @@ from hil.usbboot.selection import (
 from hil.usbboot.trace import FileServed, Listener, StageTiming, Trace, Transfer
 
 DEFAULT_SETTLE = 1.0  # s between enumeration and the first vendor request (rpiboot's sleep(1), section 3.2)
-DEFAULT_ROM_ATTEMPTS = 3  # ROM passes allowed on one port: the stale-ROM double sighting (section 3.3)
+DEFAULT_ROM_RETRIES = 2  # failed ROM exchanges repeated per boot (rpiboot repeats without bound, main.c:1064-1121)
+STATUS_GRACE = 1.0  # s for a new enumeration after a non-zero status before the ROM is tried again (main.c:1118)
+SIGNATURE_FILE = "bootcode.sig"  # rpiboot -s: 20 bytes into the boot message, BCM2835/2837 only (main.c:157-166)
+SIGNATURE_SIZE = 20
+SIGNED_CHIPS = ("bcm2835", "bcm2837")  # BCM2711 and BCM2712 sign their boot another way (main.c:157)
 MAX_CHUNK = 16384  # LIBUSB_MAX_TRANSFER: bulk OUT chunk size (section 2)
 ANNOUNCE_TIMEOUT = 1.0  # s, per transfer, as rpiboot (section 2)
 BULK_TIMEOUT = 5.0
@@ -164,21 +172,22 @@ class UsbBoot:
 
     def __init__(self, port: str | PortPath, payload: str | Path, model: ModuleModel | None = None, *,
                  timeouts: Mapping[str, float] | None = None, settle: float = DEFAULT_SETTLE,
-                 rom_attempts: int = DEFAULT_ROM_ATTEMPTS, read_timeout: float = READ_TIMEOUT,
-                 expect_mass_storage: bool | None = None,
+                 rom_retries: int = DEFAULT_ROM_RETRIES, read_timeout: float = READ_TIMEOUT,
+                 signed: bool = False, expect_mass_storage: bool | None = None,
                  metadata_json: Path | None = None, backend: Any = None, listener: Listener | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.port = port if isinstance(port, PortPath) else PortPath.parse(port)
         self.folder = Path(payload)
         self.model = model
         self.timeouts = {**DEFAULT_TIMEOUTS, **(timeouts or {})}
-        if settle < 0 or rom_attempts < 1 or read_timeout <= 0:
-            raise InputError(f"settle {settle} s, rom_attempts {rom_attempts}, read_timeout {read_timeout} "
-                             "s: use settle >= 0, at least one ROM attempt and a positive read timeout",
+        if settle < 0 or rom_retries < 0 or read_timeout <= 0:
+            raise InputError(f"settle {settle} s, rom_retries {rom_retries}, read_timeout {read_timeout} "
+                             "s: use settle >= 0, zero or more ROM retries and a positive read timeout",
                              stage="usbboot")
         self.settle = settle
         self.read_timeout = read_timeout
-        self.rom_attempts = rom_attempts
+        self.rom_retries = rom_retries
+        self.signed = signed
         self.expect_mass_storage = expect_mass_storage
         self.metadata_json = metadata_json
         self.backend = backend
@@ -192,11 +201,13 @@ class UsbBoot:
 
     @classmethod
     def for_rig(cls, rig: Rig, payload: str | Path | None = None, **options: Any) -> UsbBoot:
-        """The rig's module on the rig's port, with the rig's stage timeouts and (unless given) payload."""
+        """The rig's module on the rig's port, with the rig's stage timeouts, ROM retries, signed boot and
+        (unless given) payload."""
         folder = payload or rig.payload
         if folder is None:
             raise InputError(f"rig {rig.name} has no payload folder. Fix: add payload = \"DIR\" under [usb] "
                              f"in {rig.path} or pass --payload DIR", stage="usbboot.payload")
+        options = {"rom_retries": rig.usb_boot.rom_retries, "signed": rig.usb_boot.signed, **options}
         return cls(rig.usb_port, folder, rig.model, timeouts=rig.timeouts, **options)
 
     # -- the stage sequence -------------------------------------------------------------------------------
@@ -204,6 +215,7 @@ class UsbBoot:
     def run(self) -> UsbBootResult:
         if self.model is not None:
             self._load_payload(self.model)  # a missing folder or second stage fails here, before any device
+            self._signature(self.model)
         elif not self.folder.is_dir():
             raise InputError(f"payload folder {self.folder} does not exist. Fix: pass an existing usbboot "
                              "folder", stage="usbboot.payload", folder=str(self.folder))
@@ -226,17 +238,29 @@ class UsbBoot:
         dev = self._wait("rom", "rom", (Stage.ROM, Stage.SECOND_STAGE), InfrastructureError,
                          "no boot ROM appeared. Fix: check that nRPI_BOOT is asserted before power-on, the "
                          "module is powered and its USB slave port is cabled to this port")
-        good_status = False
+        took = False
+        failures = 0
         while identity(dev).stage is Stage.ROM:
-            if len(self.attempts) >= self.rom_attempts:
+            if len(self.attempts) > self.rom_retries + 1:  # bounded whatever the ROM does
                 raise self._error(ProductError, "second_stage", "the boot ROM enumerated "
                                   f"{len(self.attempts) + 1} times without starting the second stage "
-                                  f"({self.rom_attempts} attempts allowed)")
-            good_status = self._rom_pass(dev, good_status) or good_status
-            blame = ProductError if good_status else InfrastructureError
-            problem = ("the second stage never enumerated after the boot ROM took it" if good_status
-                       else "the device left during the ROM transfer and never came back")
-            dev = self._wait("second_stage", "second_stage", (Stage.ROM, Stage.SECOND_STAGE), blame, problem)
+                                  f"({self.rom_retries} retries allowed)")
+            outcome = self._rom_pass(dev, took)
+            if outcome == "took":
+                took = True
+            elif outcome != "stale":
+                failures += 1
+                if failures > self.rom_retries:
+                    raise self._exhausted(outcome)
+            if outcome == "status":  # it may boot anyway (a new enumeration) or stay for another try
+                dev = self._after_status(dev)
+            elif took:
+                dev = self._wait("second_stage", "second_stage", (Stage.ROM, Stage.SECOND_STAGE), ProductError,
+                                 "the second stage never enumerated after the boot ROM took it")
+            else:  # as rpiboot: close, look again, and start over with whatever is on the port
+                dev = self._wait("rom", "rom", (Stage.ROM, Stage.SECOND_STAGE), InfrastructureError,
+                                 f"the boot ROM did not come back after a failed exchange "
+                                 f"({self.attempts[-1]['outcome']})")
         second = identity(dev)
         done = self._serve(dev)
         if not self._wants_mass_storage():
@@ -252,50 +276,92 @@ class UsbBoot:
         usb.util.dispose_resources(ms)
         return final
 
-    def _rom_pass(self, dev: usb.core.Device, after_good_status: bool) -> bool:
-        """One ROM attempt. True when the ROM took the image; False for a harmless stale sighting."""
+    def _after_status(self, rom: usb.core.Device) -> usb.core.Device:
+        """A fresh enumeration within :data:`STATUS_GRACE` (the ROM booted despite its status), else the same
+        ROM again for the next exchange."""
+        key = (rom.bus, rom.address)
+        self._stale.add(key)
+        dev = self._wait("rom", "rom", (Stage.ROM, Stage.SECOND_STAGE), InfrastructureError, "", grace=STATUS_GRACE)
+        if dev is not None:
+            return dev
+        self._stale.discard(key)
+        return self._wait("rom", "rom", (Stage.ROM, Stage.SECOND_STAGE), InfrastructureError,
+                          "the boot ROM left after answering a non-zero status and nothing came back")
+
+    def _exhausted(self, outcome: str) -> HilError:
+        tries = f"{len(self.attempts)} exchanges ({self.rom_retries} retries allowed)"
+        last = self.attempts[-1]
+        if outcome == "status":
+            return self._error(ProductError, "rom_transfer", f"the boot ROM answered status {last['status']:#x} "
+                               f"and stayed in its ROM on all {tries}. Fix: use a second stage signed/built "
+                               "for this module")
+        return self._error(InfrastructureError, "rom_transfer", f"{last['outcome']} on all {tries}. Fix: check "
+                           "the USB cable and hub (usbboot-protocol.md section 6), try another host port, or "
+                           "raise [usb] rom_retries in the rig file")
+
+    def _signature(self, model: ModuleModel) -> bytes:
+        """The 20 signature bytes of the boot message: zeros, or ``bootcode.sig`` when signed (rpiboot -s)."""
+        if not self.signed or model.chip not in SIGNED_CHIPS:
+            return bytes(SIGNATURE_SIZE)
+        found = self._load_payload(model).find(SIGNATURE_FILE)
+        if found is None or len(found.data) < SIGNATURE_SIZE:
+            what = "is missing" if found is None else f"has {len(found.data)} bytes, not {SIGNATURE_SIZE}"
+            raise InputError(f"signed boot: {SIGNATURE_FILE} {what} in {self.folder}. Fix: put the "
+                             f"{model.name}'s {SIGNATURE_FILE} in the payload or drop signed_boot",
+                             stage="usbboot.payload", folder=str(self.folder))
+        return found.data[:SIGNATURE_SIZE]
+
+    def _rom_pass(self, dev: usb.core.Device, after_took: bool) -> str:
+        """One ROM exchange: "took" (status 0, or the ROM left before its status), "status" (a non-zero status,
+        recorded), "failed" (a transfer failed), or "stale" (a ROM already leaving after it took the image)."""
         ident = identity(dev)
         model = model_for_rom(ident.pid)
         if self.model is not None and self.model.rom_pid != ident.pid:
             raise InputError(f"port {self.port} has a {model.chip} boot ROM ({ident}) but the rig says "
                              f"{self.model.name}. Fix: correct the model in the rig file or the port",
                              stage="usbboot.rom", trace=self.trace.to_dict())
-        image = self._load_payload(self.model or model).second_stage()
+        chosen = self.model or model
+        image = self._load_payload(chosen).second_stage()
+        signature = self._signature(chosen)
         attempt = len(self.attempts) + 1
-        record: dict[str, Any] = {"attempt": attempt, "identity": ident.to_dict()}
+        record: dict[str, Any] = {"attempt": attempt, "identity": ident.to_dict(), "signed": any(signature),
+                                  "started": self.trace.now()}
         self.attempts.append(record)
         self._settle("rom.settle", attempt)
         stage = self.trace.begin("rom_transfer", attempt)
         try:
             link = self._link(dev, stage)
-            message = len(image.data).to_bytes(4, "little") + bytes(20)
+            message = len(image.data).to_bytes(4, "little") + signature
             link.write(message, "boot message")
-            link.write(image.data, (self.model or model).second_stage)
+            link.write(image.data, chosen.second_stage)
             try:
-                status = int.from_bytes(link.read(4, "ROM status")[:4], "little", signed=True)
+                status = int.from_bytes(link.read(4, "ROM status")[:4], "little")
             except _TransferFailed as e:
                 if e.result not in _GONE:
                     raise
                 status = None  # the ROM left right after the image: its status is lost, not bad (PR #49)
-        except (_TransferFailed, usb.core.USBError) as e:
-            what = str(e) if isinstance(e, _TransferFailed) else f"opening the device: {_result_of(e)}"
+        except (_TransferFailed, usb.core.USBError, ValueError) as e:
+            what = (str(e) if isinstance(e, _TransferFailed) else f"opening the device: {_result_of(e)}"
+                    if isinstance(e, usb.core.USBError) else f"the device's endpoints: {e}")
             self.trace.end(stage, False, what)
             record["outcome"] = what
-            self._forget(dev)
-            if after_good_status:  # a ROM that is already leaving (section 3.3): harmless, look again
+            if after_took:  # a ROM that is already leaving (section 3.3): harmless, look again
+                self._forget(dev)
                 record["outcome"] = f"stale ROM: {what}"
-                return False
-            raise self._error(InfrastructureError, "rom_transfer", f"{what}. Fix: check the USB cable and "
-                              "hub (usbboot-protocol.md section 6), or try another host port") from None
-        self._forget(dev)
+                return "stale"
+            usb.util.dispose_resources(dev)  # not stale: a ROM still on the bus gets the next try
+            return "failed"
         record["status"] = status
         if status not in (0, None):
-            self.trace.end(stage, False, f"status {status:#x}")
-            raise self._error(ProductError, "rom_transfer", f"the boot ROM rejected {image.source}: status "
-                              f"{status:#x}. Fix: use a second stage signed/built for this module")
+            usb.util.dispose_resources(dev)  # a ROM that stayed gets the next try; one that boots anyway leaves
+            detail = f"status {status:#x}: recorded, not fatal (rpiboot reports it and goes on)"
+            self.trace.end(stage, True, detail)
+            record["outcome"] = f"status {status:#x}"
+            return "status"
+        self._forget(dev)
         self.trace.end(stage, True, "status 0" if status == 0 else "device left before its status")
         record["outcome"] = "ok"
-        return True
+        return "took"
 
     def _serve(self, dev: usb.core.Device) -> bool:
         """The second stage's file server (section 4.2). True when it ended with Done."""
@@ -402,13 +468,22 @@ class UsbBoot:
         self._stale.add((dev.bus, dev.address))
         usb.util.dispose_resources(dev)
 
+    @overload
     def _wait(self, name: str, timeout_key: str, wanted: tuple[Stage, ...], blame: type[HilError],
-              problem: str) -> usb.core.Device:
-        """Block on uevents until a fresh enumeration in one of the ``wanted`` stages is on our port."""
+              problem: str) -> usb.core.Device: ...
+
+    @overload
+    def _wait(self, name: str, timeout_key: str, wanted: tuple[Stage, ...], blame: type[HilError],
+              problem: str, *, grace: float) -> usb.core.Device | None: ...
+
+    def _wait(self, name: str, timeout_key: str, wanted: tuple[Stage, ...], blame: type[HilError],
+              problem: str, *, grace: float | None = None) -> usb.core.Device | None:
+        """Block on uevents until a fresh enumeration in one of the ``wanted`` stages is on our port.
+        With ``grace`` seconds, nothing by then is an answer (None), not a failure."""
         assert self._events is not None
         attempt = 1 + sum(1 for s in self.trace.stages if s.name == name)
         stage = self.trace.begin(name, attempt)
-        timeout = self.timeouts[timeout_key]
+        timeout = self.timeouts[timeout_key] if grace is None else grace
         seen: list[Identity] = []
 
         def probe() -> usb.core.Device | None:
@@ -423,6 +498,9 @@ class UsbBoot:
             return None
 
         dev = self._events.wait(probe, self.clock() + timeout)
+        if dev is None and grace is not None:
+            self.trace.end(stage, True, f"nothing new within {grace:g} s")
+            return None
         if dev is None:
             saw = f"; saw {', '.join(map(str, seen))}" if seen else ""
             self.trace.end(stage, False, f"timeout after {timeout:g} s{saw}")

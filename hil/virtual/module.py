@@ -130,8 +130,14 @@ class VirtualModule:
     def connect_relays(self, factory: RelayBoardFactory) -> None:
         """Follow the rig's relay lines on ``factory``, starting from their present levels."""
         for line in self.rig.relays.lines():
+            factory.set_pull(line.gpio, line.active_high == self._rests_on(line))
             self._unwatch.append(factory.watch(line.gpio, functools.partial(self._line_changed, line)))
             self._line_changed(line, factory.level(line.gpio))
+
+    def _rests_on(self, line: RelayLine) -> bool:
+        """Whether the modelled board energises ``line`` when nothing drives it."""
+        modelled = self.rig.virtual.relay_rest if self.rig.virtual is not None else {}
+        return modelled.get(line.role, line.rest_on)
 
     def close(self) -> None:
         """Let go of the relays and power down for good."""
@@ -153,7 +159,7 @@ class VirtualModule:
     # -- relays ------------------------------------------------------------------------------------
 
     def _line_changed(self, line: RelayLine, level: Level) -> None:
-        energised = level is not None and level == line.active_high
+        energised = self._rests_on(line) if level is None else level == line.active_high
         drained: _Session | None = None
         with self._lock:
             if self._energised[line.role] == energised:

@@ -5,7 +5,8 @@ pin_factory=F)``; F here is a :class:`MockFactory` whose pins report every chang
 drive. gpiozero has no public change hook for outputs, hence the :class:`MockPin` subclass.
 
 A level of ``None`` means the line is not driven (never set up as an output, or released by
-``close()``): the relay board's own resistor then keeps the relay de-energised, whatever its polarity.
+``close()``): the relay board's own pull resistor then decides, as the rig file's ``rest`` says (or
+``[virtual.relays]`` where the modelled board differs), and an input read of the GPIO sees that pull level.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class ObservedPin(MockPin):
         self._published: Level = None
         self._quiet = False
         super().__init__(factory, info)
+        self._rest()
 
     @property
     def driven_level(self) -> Level:
@@ -47,7 +49,16 @@ class ObservedPin(MockPin):
 
     def _set_function(self, value: str) -> None:
         super()._set_function(value)
+        if value == "input":
+            self._rest()
         self._publish()
+
+    def _rest(self) -> None:
+        """Undriven, the pin reads the level the relay board pulls it to (when the board says one)."""
+        factory = self.factory
+        level = factory.pulls.get(int(self.info.name[4:])) if isinstance(factory, RelayBoardFactory) else None
+        if level is not None and self._function == "input":
+            self._change_state(level)
 
     def _change_state(self, value: bool) -> bool:
         changed = bool(super()._change_state(value))
@@ -71,6 +82,14 @@ class RelayBoardFactory(MockFactory):
         super().__init__(revision=BOARD_REVISION, pin_class=ObservedPin)
         self._watch_lock = threading.Lock()
         self._watchers: dict[int, list[Watcher]] = {}
+        self.pulls: dict[int, bool] = {}  # GPIO -> the level the board's resistor gives it when undriven
+
+    def set_pull(self, gpio: int, level: bool) -> None:
+        """The relay board pulls ``gpio`` to ``level`` whenever nothing drives it."""
+        self.pulls[gpio] = level
+        for info, pin in self.pins.items():
+            if info.name == f"GPIO{gpio}" and isinstance(pin, ObservedPin):
+                pin._rest()
 
     def watch(self, gpio: int, callback: Watcher) -> Callable[[], None]:
         """Call ``callback(level)`` on every change of what ``gpio`` drives; returns the unsubscribe call.

@@ -12,6 +12,7 @@ a person (or a USB switch) does between runs of a compatibility matrix.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, ClassVar
 
@@ -29,6 +30,7 @@ from hil.virtual.usb import sysfs
 from hil.virtual.usb.hostprofiles import DEFAULT_KIND, controller_spec
 
 if TYPE_CHECKING:
+    from hil.virtual.desktop import Desktop
     from hil.virtual.usb.side import VirtualUsb
 
 CABLE_WAIT = 2.0  # host seconds a module switched off may take to discharge before its cable moves
@@ -47,7 +49,7 @@ class VirtualRig:
                 controller_spec(text, tuple(sysfs.CONTROLLERS))
             except InputError as e:
                 raise RigFileError(rig.path, f"virtual.usb.controllers.{port}", e.message.rstrip("."),
-                                   'write "KIND-PROFILE", e.g. "xhci-lenient" or "ehci-strict"') from None
+                                   'write "KIND-PROFILE", e.g. "xhci-lenient" or "ehci-hypothesis-maxpacket"') from None
         self.rig = rig
         self.port = rig.usb_port  # where the module's USB cable is plugged in
         self.want_usb = umockdev_active() if usb is None else usb
@@ -60,11 +62,20 @@ class VirtualRig:
                                     boot_uart=rig.customise.bootloader_uart) if rig.model.has_eeprom else None
         self.module = VirtualModule(rig, self.emmc, self.console, self.clock, self.journal, self.eeprom)
         self._opened: list[object] = []
+        self.desktop: Desktop | None = None  # a desktop session automounting the module's disk ([virtual.usb])
 
     def open(self) -> VirtualRig:
         try:
+            assert self.rig.virtual is not None
+            automount = self.want_usb and bool(self.rig.virtual.usb.get("automount"))
             self.emmc.open()
             self._opened.append(self.emmc)
+            if automount:
+                from hil.virtual.desktop import Desktop
+
+                self.desktop = Desktop(self.port, self.emmc.block_device, self.rig.virtual.state_dir / "desktop",
+                                       self.journal, Path("/run/media/root") / f"cm-hil-{self.rig.name}").open()
+                self._opened.append(self.desktop)
             self.console.open()
             self._opened.append(self.console)
             if self.want_usb:
@@ -121,9 +132,16 @@ class VirtualRig:
         bus = UsbBus.get()
         for port in self.rig.usb_ports:  # every port's bus and controller exists, cabled or not, as on a host
             bus.port(port, self.controller(port), self.journal)
+        nvme = None
+        if switches.nvme:
+            from hil.virtual.nvme import VirtualNvme
+
+            nvme = VirtualNvme(self.rig.virtual.state_dir / "nvme.img", switches.nvme).open()
+            self._opened.append(nvme)
         return VirtualUsb(self.rig.model, bus.port(self.port, self.controller(self.port), self.journal),
                           self.emmc.block_device, self.rig.emmc_size, switches, self.clock, self.journal,
-                          extra_port_factory=bus.port, eeprom=self.eeprom)
+                          extra_port_factory=bus.port, eeprom=self.eeprom,
+                          nvme_block_device=nvme.block_device if nvme else None)
 
     def close(self) -> None:
         """Power down and take everything away, in reverse order of creation."""

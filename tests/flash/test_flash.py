@@ -224,7 +224,7 @@ def test_guard_refuses_the_hosts_root_disk(booted: Booted) -> None:
         pytest.skip(f"/ is not on a block device here ({node})")
     size = int(subprocess.run(["lsblk", "-bdno", "SIZE", node], capture_output=True, text=True,
                               env=tool_env()).stdout or 0)
-    host = Disk(node, "/sys/fake", booted.rig.usb_port, size, "Host", "Disk", "usb", None, None)
+    host = Disk(node, "/sys/fake", booted.rig.usb_port, size, "Host", "Disk", "usb", None, None, "0a5c:0104")
     with pytest.raises(GuardRefusal, match="check 'system disk'.*holds / of this host"):
         guard_disk(host, dataclasses.replace(booted.rig, emmc_size=size))
 
@@ -241,7 +241,8 @@ def test_guard_refuses_a_mounted_disk_and_one_held_exclusively(booted: Booted, t
     try:
         subprocess.run(["mount", loop, str(tmp_path / "mnt")], check=True, env=env)
         try:
-            mounted = Disk(loop, "/sys/fake", booted.rig.usb_port, 16 * MiB, "Loop", "", "usb", None, None)
+            mounted = Disk(loop, "/sys/fake", booted.rig.usb_port, 16 * MiB, "Loop", "", "usb", None, None,
+                           "0a5c:0104")
             with pytest.raises(GuardRefusal, match=f"check 'mounted'.*{tmp_path / 'mnt'}"):
                 guard_disk(mounted, dataclasses.replace(booted.rig, emmc_size=16 * MiB))
         finally:

@@ -1,5 +1,6 @@
-"""The quirk and matrix suites on the virtual matrix rigs, in this process: the CM1's strict port fails in the
-report's own category with the controller and the trace attached; the CM3 passes both ports."""
+"""The host-compatibility and matrix suites on the virtual matrix rigs: the CM1 fails its hypothesis port and boots
+through the other, so the failure lands in the report's host-incompatibility category with the controller, the
+trace and the host-bug evidence attached; the CM3 passes both ports."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def attachments(node: dict[str, Any]) -> list[str]:
     return [a["name"] for a in node.get("attachments", [])] + [n for s in node.get("steps", []) for n in attachments(s)]
 
 
-def test_cm1_fails_its_strict_port_in_the_quirk_category_and_cm3_passes(
+def test_cm1_fails_its_hypothesis_port_as_a_host_incompatibility_and_cm3_passes(
         pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HIL_USB_BOOTS", "2")
     monkeypatch.setenv("HIL_MATRIX_ATTEMPTS", "1")
@@ -55,12 +56,15 @@ def test_cm1_fails_its_strict_port_in_the_quirk_category_and_cm3_passes(
     by_name = results(allure)
     cm1 = by_name["test_usb_boot_pass_rate_on_every_port[virtual-cm1-matrix]"]
     message = cm1["statusDetails"]["message"]
-    assert cm1["status"] == "failed" and category(message) == "Known CM1 host-controller incompatibility"
+    assert cm1["status"] == "failed"
+    assert category(message) == "Host-controller incompatibility (the module boots through another port)"
+    assert "booted through 15-1" in message
     assert "16-1 [ehci-pci 8086:1e26" in message and "15-1 [xhci_hcd 8086:a36d" in message
     assert "0/2 boots" in message and "2/2 boots" in message
     names = attachments(cm1)
     assert {"host controller of 15-1", "host controller of 16-1", "USB transfer trace (16-1, boot 1)",
-            "USB transfer trace (16-1, boot 2)"} <= set(names)
+            "USB transfer trace (16-1, boot 2)", "ROM exchanges (16-1, boot 1)", "kernel log of 16-1, boot 1",
+            "usbmon of 16-1, boot 1", "host of 16-1, boot 1"} <= set(names)
     assert not [n for n in names if n.startswith("USB transfer trace (15-1")]
     assert by_name["test_usb_boot_pass_rate_on_every_port[virtual-cm3-matrix]"]["status"] == "passed"
     for rig in ("virtual-cm1-matrix", "virtual-cm3-matrix"):

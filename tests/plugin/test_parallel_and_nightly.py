@@ -21,7 +21,7 @@ def test_two_rigs_run_in_parallel_one_worker_each(pytester: pytest.Pytester, mak
                                         "--rig", str(make_rig("plug-x4", "cm4", "9-1.4")),
                                         "--rig", str(make_rig("plug-x1", "cm1", "9-1.2")),
                                         "-n", "2", "--alluredir", str(results), timeout=240)
-    run.assert_outcomes(passed=18, skipped=2)  # the cm1 has no EEPROM_nWP and no bootloader banner
+    run.assert_outcomes(passed=20, skipped=2)  # the cm1 has no EEPROM_nWP and no bootloader banner
     workers: dict[str, set[str]] = {}
     for path in results.glob("*-result.json"):
         labels = {label["name"]: label["value"] for label in json.loads(path.read_text())["labels"]}
@@ -40,10 +40,10 @@ def test_hil_nightly_runs_the_suites_and_renders_the_report(make_rig: Callable[.
     done = hil("nightly", "--rig", str(make_rig("plug-night")), "--report-dir", str(report), "--single-file", "--",
                "-k", "test_rig_selfcheck or test_flash_and_boot", timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "tests: 10 passed" in done.stdout
+    assert "tests: 11 passed" in done.stdout
     assert f"report: {report / 'html' / 'index.html'} (opens from disk)" in done.stdout
     assert (report / "html" / "index.html").is_file()
-    assert (report / "junit.xml").read_text().count("<testcase ") == 10
+    assert (report / "junit.xml").read_text().count("<testcase ") == 11
     assert (report / "allure-results" / "environment.properties").is_file()
 
 

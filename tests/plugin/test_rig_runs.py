@@ -49,9 +49,9 @@ def test_suites_on_a_virtual_cm4_leave_steps_attachments_and_environment(
     results, junit = tmp_path / "allure-results", tmp_path / "junit.xml"
     run = pytester.runpytest_subprocess(*PLUGIN, *suites, "--rig", str(make_rig("plug-run")),
                              "--alluredir", str(results), "--junitxml", str(junit))
-    run.assert_outcomes(passed=10)
+    run.assert_outcomes(passed=11)
     by_name = results_of(results)
-    assert len(by_name) == 10
+    assert len(by_name) == 11
     assert all({"name": "rig", "value": "plug-run"} in r["labels"] for r in by_name.values())
     every_step = [s for r in by_name.values() for s in names(r)[0]]
     every_attachment = [a for r in by_name.values() for a in names(r)[1]]
@@ -68,7 +68,7 @@ def test_suites_on_a_virtual_cm4_leave_steps_attachments_and_environment(
                  "image.sha256=", "image.build_id=", "payload=", "host.kernel=Linux"):
         assert f"\n{line}" in props or props.startswith(line), line
     assert json.loads((results / "categories.json").read_text())[0]["name"]
-    assert junit.read_text().count("<testcase ") == 10
+    assert junit.read_text().count("<testcase ") == 11
 
 
 FAILING = """
@@ -99,7 +99,7 @@ def failing_run(pytester: pytest.Pytester, make_rig: Callable[..., Path],
     """Three rigs: a good one, one whose module drops off the bus during USB boot, one whose console is garbage."""
     pytester.makepyfile(test_failing=FAILING)
     rigs = [make_rig("plug-good", port="9-1.4"),
-            make_rig("plug-usb", port="10-1.4", extra="[virtual.usb]\ndisconnect_at = 20000\n"),
+            make_rig("plug-usb", port="10-1.4", extra="[usb]\nrom_retries = 0\n[virtual.usb]\ndisconnect_at = 20000\n"),
             make_rig("plug-garbled", port="11-1.4", extra="[virtual.console]\ngarbage = true\n",
                      timeouts={"bootloader": 2})]
     results = tmp_path / "allure-results"

@@ -10,14 +10,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from hil.report import CM1_QUIRK_PHRASE, render_report
+from hil.report import HOST_INCOMPATIBILITY_PHRASE, render_report
 
 # Test name -> the category its failure must land in (None: it passes).
 EXPECTED_CATEGORY = {
     "test_flash_and_boot": None,
     "test_rig_failure": "Rig (infrastructure) failures",
     "test_module_failure": "Module (product) failures",
-    "test_cm1_quirk": "Known CM1 host-controller incompatibility",
+    "test_cm1_quirk": "Host-controller incompatibility (the module boots through another port)",
     "test_untagged_failure": "Unclassified failures (no fault tag)",
 }
 STEP, ATTACHMENT, CONTENT = "usbboot.rom", "console slice", "ROM answered on port 1-1.3"
@@ -43,7 +43,7 @@ def test_module_failure():
 
 
 def test_cm1_quirk():
-    raise RuntimeError("[infrastructure] [usbboot.bulk] {CM1_QUIRK_PHRASE}: the second bulk OUT was dropped")
+    raise RuntimeError("[infrastructure] [usbboot.bulk] {HOST_INCOMPATIBILITY_PHRASE}: the second bulk OUT was dropped")
 
 
 def test_untagged_failure():

@@ -204,13 +204,66 @@ def test_wrong_model_on_the_port_is_input_error(module: Callable[..., Module], p
     assert not journal.events("bulk")
 
 
-def test_non_zero_rom_status_is_a_product_error(module: Callable[..., Module], payloads: Path) -> None:
-    module("cm4", "7-3.3", rom_status=0x1234)
+def test_rom_that_rejects_every_exchange_is_a_product_error_after_the_retries(
+        module: Callable[..., Module], payloads: Path) -> None:
+    _, journal = module("cm4", "7-3.3", rom_status=0x1234)
     with pytest.raises(ProductError) as e:
-        boot("7-3.3", payloads / "mass-storage-gadget64", "cm4")
+        boot("7-3.3", payloads / "mass-storage-gadget64", "cm4", rom_retries=1)
     assert e.value.stage == "usbboot.rom_transfer" and "0x1234" in str(e.value)
+    assert [a["status"] for a in e.value.evidence["rom_attempts"]] == [0x1234, 0x1234]
     status = e.value.evidence["trace"]["transfers"][-1]
     assert (status["kind"], status["length"], status["result"]) == ("control_in", 4, "ok")
+    assert [e.details["status"] for e in journal.events("stage") if e.what == "rom-status"] == [0x1234, 0x1234]
+
+
+def test_rom_answering_an_odd_status_still_boots(module: Callable[..., Module], payloads: Path) -> None:
+    """rpiboot prints a non-zero status and goes on (main.c:651-663); so does the host, and it says so."""
+    module("cm4", "7-7.1", rom_odd_status=0x8000_0007)
+    result = boot("7-7.1", payloads / "mass-storage-gadget64", "cm4")
+    assert result.final_identity is not None and result.final_identity.pid == 0x0104
+    assert [(a["status"], a["outcome"]) for a in result.rom_attempts] == [(0x8000_0007, "status 0x80000007")]
+    transfer = next(s for s in result.stages if s.name == "rom_transfer")
+    assert "status 0x80000007" in transfer.detail and "not fatal" in transfer.detail
+
+
+def test_two_failed_rom_exchanges_then_success_boots_with_every_attempt_recorded(
+        module: Callable[..., Module], payloads: Path) -> None:
+    """usbboot #87: "Failed control transfer (-7,24)" on the boot message; rpiboot loops, the host retries."""
+    _, journal = module("cm4", "7-7.2", rom_failed_exchanges=2)
+    result = boot("7-7.2", payloads / "mass-storage-gadget64", "cm4", rom_retries=2)
+    assert result.final_identity is not None
+    outcomes = [a["outcome"] for a in result.rom_attempts]
+    assert len(outcomes) == 3 and outcomes[2] == "ok"
+    assert all("announce(24) for boot message: timeout" in o for o in outcomes[:2])
+    assert [(s.attempt, s.ok) for s in result.stages if s.name == "rom_transfer"] == [(1, False), (2, False),
+                                                                                     (3, True)]
+    assert [e.what for e in journal.events("fault")] == ["rom_failed_exchanges"] * 2
+    assert json.loads(result.to_json())["rom_attempts"][0]["outcome"] == outcomes[0]
+
+
+def test_failed_rom_exchanges_beyond_the_retries_are_an_infrastructure_error(
+        module: Callable[..., Module], payloads: Path) -> None:
+    module("cm4", "7-7.3", rom_failed_exchanges=2)
+    with pytest.raises(InfrastructureError) as e:
+        boot("7-7.3", payloads / "mass-storage-gadget64", "cm4", rom_retries=1)
+    assert e.value.stage == "usbboot.rom_transfer" and "rom_retries" in str(e.value)
+    assert len(e.value.evidence["rom_attempts"]) == 2
+
+
+def test_signed_boot_sends_bootcode_sig_to_a_cm3(module: Callable[..., Module], payloads: Path,
+                                                 tmp_path: Path) -> None:
+    """rpiboot -s (main.c:157-166, 598-609): the 20 bytes of bootcode.sig ride in the boot message."""
+    _, journal = module("cm3", "7-7.4")
+    folder = tmp_path / "signed"
+    shutil.copytree(payloads / "msd", folder)
+    with pytest.raises(InputError, match="bootcode.sig is missing"):
+        boot("7-7.4", folder, "cm3", signed=True)
+    assert not journal.events("bulk")
+    (folder / "bootcode.sig").write_bytes(bytes(range(1, 21)) + b"tail")
+    result = boot("7-7.4", folder, "cm3", signed=True)
+    assert result.rom_attempts[0]["signed"] is True
+    message = next(e for e in journal.events("bulk") if e.what == "boot-message")
+    assert message.details["signed"] is True
 
 
 def test_lingering_rom_is_not_sent_the_image_twice(module: Callable[..., Module], payloads: Path) -> None:
@@ -227,15 +280,18 @@ def test_lingering_rom_is_not_sent_the_image_twice(module: Callable[..., Module]
 
 
 @pytest.mark.parametrize("mode", ["stall", "timeout"])
-def test_first_control_failure_is_a_typed_infrastructure_error(module: Callable[..., Module], payloads: Path,
-                                                                mode: str) -> None:
+def test_first_control_failure_is_retried_and_without_retries_a_typed_infrastructure_error(
+        module: Callable[..., Module], payloads: Path, mode: str) -> None:
     module("cm4", "7-3.5", first_control=mode)
     with pytest.raises(InfrastructureError) as e:
-        boot("7-3.5", payloads / "mass-storage-gadget64", "cm4")
+        boot("7-3.5", payloads / "mass-storage-gadget64", "cm4", rom_retries=0)
     assert e.value.stage == "usbboot.rom_transfer"
     first = e.value.evidence["trace"]["transfers"][0]
     assert (first["kind"], first["value"], first["result"]) == ("control_out", 24, "pipe" if mode == "stall"
                                                                 else "timeout")
+    module("cm4", "7-7.5", first_control=mode)  # the second stage's first request fails too: read it again
+    result = boot("7-7.5", payloads / "mass-storage-gadget64", "cm4", read_timeout=1.0)
+    assert [a["outcome"] == "ok" for a in result.rom_attempts] == [False, True]
 
 
 def test_slow_first_request_is_read_again(module: Callable[..., Module], payloads: Path) -> None:
@@ -413,3 +469,14 @@ def test_a_boot_img_that_is_no_fat_image_is_not_booted(module: Callable[..., Mod
         boot("7-4.3", folder, "cm5")
     assert "boot.img is not a FAT image" in [e.what for e in journal.events("fault")]
     assert side.state != "mass-storage"
+
+
+def test_cli_reports_the_rom_exchanges_and_takes_the_retries(module: Callable[..., Module], payloads: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    module("cm4", "7-8.1", rom_odd_status=0x42)
+    args = ["usbboot", "--port", "7-8.1", "--model", "cm4", "--settle", "0.01", "--quiet",
+            "--payload", str(payloads / "mass-storage-gadget64")]
+    assert hil_main(args) == 0
+    assert "ROM exchange 1: status 0x42" in capsys.readouterr().out
+    module("cm4", "7-8.2", rom_failed_exchanges=1)
+    assert hil_main([*args[:2], "7-8.2", *args[3:], "--rom-retries", "0"]) == 3

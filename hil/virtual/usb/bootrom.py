@@ -20,6 +20,10 @@ is what lets rpiboot's endless retry loop succeed on the next pass.
   (:mod:`hil.virtual.usb.genuine`) for this chip, or a genuine one of a kind not modelled: status
   :data:`STATUS_REJECTED`. A genuine second stage runs as the program it is (msd, gadget, recovery);
 * a status read before the exchange is complete: never answered.
+
+Two switches rehearse the marginal hosts of usbboot's tracker: ``rom_failed_exchanges`` leaves the first N
+boot-message announces unanswered (``Failed control transfer (-7,24)``, usbboot #87), and ``rom_odd_status``
+answers a status that is not 0 yet boots (a guess: rpiboot ignores the status, main.c:651-663, 1109).
 """
 
 from __future__ import annotations
@@ -88,6 +92,8 @@ class BootRom:
                 return self._status_read(setup)
             if data:
                 raise Stall("announce carries no data stage")
+            if self._phase == "message" and not self._remaining and self.env.fail_exchange():
+                raise Unresponsive("boot message announce not answered")
             self._announce(setup.wValue | setup.wIndex << 16)
             return b""
 
@@ -219,8 +225,11 @@ class BootRom:
             raise Unresponsive("nothing to report yet")
         status, program = self._status, self._program
         self._reset()
-        self.env.journal.record("stage", "rom-status", status=status)
         if status == STATUS_OK:
             self._result = RomResult(program)
             self._cond.notify_all()
+            if self.env.switches.rom_odd_status:
+                status = self.env.switches.rom_odd_status
+                self._fault("rom_odd_status", status=status)
+        self.env.journal.record("stage", "rom-status", status=status)
         return struct.pack("<I", status)

@@ -124,9 +124,12 @@ def _two_interface_config() -> bytes:
 
 
 def rom_descriptors(model: ModuleModel, serial: str, *, config_55_32: bool, full_speed: bool) -> Descriptors:
-    """The boot ROM. At full speed it still declares 512-byte bulk packets and EP2 without the IN bit."""
-    second = Endpoint(0x02) if full_speed else Endpoint(0x82)
-    config = config_descriptor((Interface(0, 0xFF, 0, 0, (Endpoint(0x01), second)),))
+    """The boot ROM. At full speed it declares EP2 without the IN bit; a BCM2835 ROM, at full speed by design,
+    declares legal 64-byte bulk packets (no "invalid maxpacket" in usbboot #69's log), the later ROMs fallen back
+    to full speed keep their 512 bytes (Linux clamps them, usbboot #226)."""
+    packet = 64 if full_speed and model.rom_full_speed else 512
+    second = Endpoint(0x02, max_packet=packet) if full_speed else Endpoint(0x82)
+    config = config_descriptor((Interface(0, 0xFF, 0, 0, (Endpoint(0x01, max_packet=packet), second)),))
     strings = {1: "Broadcom", 2: model.rom_product}
     if model.rom_iserial:
         strings[model.rom_iserial] = serial

@@ -174,6 +174,8 @@ class Enumeration:
         """The host profile refused the device: its controller ends each transfer with a transaction error."""
         assert self.admission.refusal is not None
         self.record("refused transfer", errno=errno.errorcode[self.admission.refusal])
+        if self.admission.refusal == errno.ETIMEDOUT:  # no handshake at all: the host's own timeout ends it
+            raise Unresponsive("the controller never completes a transfer to this device")
         return -self.admission.refusal, b"", 0
 
     def _control_call(self, setup: ControlSetup, data: bytes, flags: int) -> Call:

@@ -1,28 +1,34 @@
-"""How a host controller and its driver treat a device whose descriptors are not legal at its speed.
+"""How a host controller and its driver treat a boot ROM: the evidenced behaviour, and labelled hypotheses.
 
-The model, and the evidence for it (usbboot-protocol.md section 6; nothing names the exact field of the
-BCM2835 "slightly incorrect USB packet", so this is the best-supported reading, not a confirmed one):
+Evidenced (usbboot issues; real-hardware-review.md):
 
-* Every dmesg of the BCM2835 ROM (0a5c:2763) shows it enumerating at **full speed**, also on EHCI/xHCI
-  ports, while its bulk endpoints keep the high-speed **wMaxPacketSize 512** (full-speed bulk allows at
-  most 64; its siblings' ROMs do the same when they fall back to full speed, #226, fw#1184).
-* **Lenient** hosts (Linux, Windows): the kernel clamps the value and goes on, logging
-  ``endpoint 0x1 has invalid maxpacket 512, setting to 64`` (the warning users quote, #200, #226).
-* **Strict** hosts: the oldest CM guide says macOS "drops the packet"; #35 and etcher#2197 report CM1 /
-  Pi Zero not usable on Macs, and the guide says some ports fail, by controller and driver rather than
-  USB 2 or 3. A stack that refuses rather than clamps leaves the device listed but unusable: the first
-  transfer fails with a transaction error, which libusb reports as IO (-1; ``Failed control transfer
-  (-1,24)`` on the ROM's first announce, #73) and Windows as PIPE (-9).
-* Not modelled as a refusal: the 55/32 config-descriptor inconsistency (eeprom#255). The BCM2837 ROM has
-  it too, and the guide says BCM2837 fixed the problem, so it cannot be what breaks the strict hosts.
+* **lenient** (Linux, every public log): a device whose bulk endpoints declare more than full speed allows is
+  clamped, not refused, with ``endpoint 0x1 has invalid maxpacket 512, setting to 64`` (a CM4 ROM fallen back
+  to full speed behind a hub, usbboot #226). A BCM2835 ROM (0a5c:2763) at full speed logs no such warning
+  (usbboot #69): its descriptors are legal there.
 
-A profile judges a device when the transport enumerates it (:func:`HostProfile.admit`); the transport
-logs the kernel's warnings and, when refused, fails every transfer with the refusal's errno.
+Hypotheses for the BCM2835 "slightly incorrect USB packet" that some ports refuse (the CM guide; nothing
+public says which packet). None is confirmed; each is named as a hypothesis wherever it shows (the virtual
+controller's root-hub product string, hence the report and the matrix), and each fails a 2835 ROM's transfers
+with a different libusb result, so a real log can tell them apart:
+
+* ``hypothesis-maxpacket``: the ROM declares 512-byte bulk packets at full speed after all and this host
+  refuses rather than clamps; transaction error, libusb IO (-1), as ``Failed control transfer (-1,24)``
+  (usbboot #73). Contradicted for Linux by #69.
+* ``hypothesis-status``: the host's controller stalls the ROM's control transfers on the vendor request it
+  cannot parse; libusb PIPE (-9), what Windows reports in #73.
+* ``hypothesis-timeout``: the host's controller never completes a transfer to the full-speed ROM (a
+  split-transaction problem of a high-speed hub); libusb TIMEOUT (-7), ``Failed control transfer (-7,24)``
+  (usbboot #87, reported for xHCI and later ROMs too).
+
+A profile judges a device when the transport enumerates it (:meth:`HostProfile.admit`); the transport logs the
+kernel's warnings and, when refused, fails every transfer with the refusal's errno.
 """
 
 from __future__ import annotations
 
 import errno
+import struct
 from dataclasses import dataclass
 
 from hil.errors import InputError
@@ -33,6 +39,7 @@ FULL_SPEED_MAX = (64, 1023, 64, 64)
 LOW_SPEED_MAX = (8, 0, 0, 8)
 DEFAULT_KIND = "xhci"
 DEFAULT_PROFILE = "lenient"
+BCM2835_ROM = (0x0A5C, 0x2763)  # the device the hypotheses are about
 
 
 @dataclass(frozen=True)
@@ -84,29 +91,45 @@ def illegal_endpoints(speed: str, config: bytes) -> list[IllegalEndpoint]:
 
 @dataclass(frozen=True)
 class HostProfile:
-    name: str
-    refuses_illegal_max_packet: bool
-    refusal: int = errno.EPROTO  # usbfs URB status -EPROTO: libusb LIBUSB_ERROR_IO
+    """``hypothesis``: what an unconfirmed profile supposes ("" for the evidenced, lenient host); ``refusal``: the
+    errno a 2835 ROM's transfers end with under the hypothesis."""
 
-    def admit(self, speed: str, configs: tuple[bytes, ...]) -> Admission:
+    name: str
+    hypothesis: str = ""
+    refusal: int | None = None
+
+    def admit(self, speed: str, configs: tuple[bytes, ...], device: bytes = b"") -> Admission:
         illegal = [e for config in configs for e in illegal_endpoints(speed, config)]
-        if not illegal:
-            return Admission()
-        if not self.refuses_illegal_max_packet:
-            return Admission(tuple(e.kernel_message() for e in illegal))
-        worst = illegal[0]
-        return Admission((), self.refusal, f"{speed}-speed endpoint {worst.address:#04x} declares wMaxPacketSize "
-                                           f"{worst.max_packet} (at most {worst.limit} allowed): device refused")
+        warnings = tuple(e.kernel_message() for e in illegal)
+        if self.refusal is None or len(device) < 12 or struct.unpack_from("<HH", device, 8) != BCM2835_ROM:
+            return Admission(warnings)
+        return Admission(warnings, self.refusal, f"hypothesis {self.name.removeprefix('hypothesis-')}: "
+                                                 f"{self.hypothesis}")
+
+    @property
+    def label(self) -> str:
+        """How the virtual controller names itself (its root hub's product string) when it is a hypothesis."""
+        return f" (hypothesis {self.name.removeprefix('hypothesis-')}, unconfirmed)" if self.hypothesis else ""
 
 
 PROFILES = {
-    "lenient": HostProfile("lenient", refuses_illegal_max_packet=False),
-    "strict": HostProfile("strict", refuses_illegal_max_packet=True),
+    "lenient": HostProfile("lenient"),
+    "hypothesis-maxpacket": HostProfile(
+        "hypothesis-maxpacket", "the 2835 ROM declares 512-byte bulk packets at full speed and this host refuses "
+        "them instead of clamping (contradicted for Linux by usbboot #69)", errno.EPROTO),
+    "hypothesis-status": HostProfile(
+        "hypothesis-status", "this host stalls the 2835 ROM's vendor control transfers (PIPE, as Windows reports in "
+        "usbboot #73)", errno.EPIPE),
+    "hypothesis-timeout": HostProfile(
+        "hypothesis-timeout", "this host's controller never completes a transfer to the full-speed 2835 ROM "
+        "(TIMEOUT, as usbboot #87's (-7,24))", errno.ETIMEDOUT),
 }
+HYPOTHESES = tuple(name for name, profile in PROFILES.items() if profile.hypothesis)
 
 
 def controller_spec(text: str, known_kinds: tuple[str, ...]) -> tuple[str, HostProfile]:
-    """``"ehci-strict"`` -> ("ehci", strict); a bare kind (``"xhci"``) is lenient, as Linux is."""
+    """``"ehci-hypothesis-maxpacket"`` -> ("ehci", that profile); a bare kind (``"xhci"``) is lenient, as Linux
+    is."""
     kind, dash, profile = text.partition("-")
     profile = profile if dash else DEFAULT_PROFILE
     if kind not in known_kinds or profile not in PROFILES:

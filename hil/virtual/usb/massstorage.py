@@ -20,9 +20,10 @@ def msd_disk(target: str, size: int) -> BlockChild:
     return BlockChild(target=target, size=size, vendor="RPi-MSD-", model="0001")
 
 
-def gadget_disk(target: str, size: int) -> BlockChild:
-    """The gadget sets ``inquiry_string`` to the device name, which lands in the vendor field."""
-    return BlockChild(target=target, size=size, vendor="mmcblk0", model="")
+def gadget_disk(target: str, size: int, device: str = "mmcblk0") -> BlockChild:
+    """The gadget sets ``inquiry_string`` to the device name, which lands in the vendor field (``mmcblk0`` for
+    the eMMC, ``nvme0n1`` for an NVMe drive on the carrier)."""
+    return BlockChild(target=target, size=size, vendor=device, model="")
 
 
 class MassStorage:
@@ -39,8 +40,8 @@ class MassStorage:
         return cls(env, msd_descriptors(), (disk,))
 
     @classmethod
-    def gadget(cls, env: DeviceEnv, disk: BlockChild) -> MassStorage:
-        return cls(env, gadget_descriptors(f"10000000{env.serial}"), (disk,))
+    def gadget(cls, env: DeviceEnv, disk: BlockChild, *more: BlockChild) -> MassStorage:
+        return cls(env, gadget_descriptors(f"10000000{env.serial}"), (disk, *more))
 
     def control(self, setup: ControlSetup, data: bytes, cancel: threading.Event) -> bytes:
         self.env.check_power()

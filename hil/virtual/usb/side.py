@@ -45,11 +45,12 @@ class VirtualUsb:
     def __init__(self, model: ModuleModel, bus_port: UsbBusPort, emmc_block_device: str, emmc_size: int,
                  switches: UsbSwitches | None, clock: DeviceClock, journal: Journal,
                  extra_port_factory: Callable[[str], UsbBusPort] | None = None, *, serial: str | None = None,
-                 eeprom: VirtualEeprom | None = None):
+                 eeprom: VirtualEeprom | None = None, nvme_block_device: str | None = None):
         self.model = model
         self.port = bus_port
         self.emmc_block_device = emmc_block_device
         self.emmc_size = emmc_size
+        self.nvme_block_device = nvme_block_device  # the carrier's NVMe drive ([virtual.usb] nvme)
         self.switches = switches or default_switches(model)
         if self.switches.duplicate_disk and extra_port_factory is None:
             raise InputError("virtual.usb.duplicate_disk needs a USB bus that can add ports; "
@@ -149,7 +150,11 @@ class VirtualUsb:
         make_disk = msd_disk if outcome.next == "msd" else gadget_disk
         make_device = MassStorage.msd if outcome.next == "msd" else MassStorage.gadget
         size = 0 if sw.late_disk else self.emmc_size
-        device = make_device(env, make_disk(self.emmc_block_device, size))
+        if outcome.next != "msd" and sw.nvme and self.nvme_block_device:  # the gadget exports the NVMe too
+            device = MassStorage.gadget(env, gadget_disk(self.emmc_block_device, size),
+                                        gadget_disk(self.nvme_block_device, sw.nvme, "nvme0n1"))
+        else:
+            device = make_device(env, make_disk(self.emmc_block_device, size))
         self._attach(env, self.port, device, "mass-storage", program=outcome.next, size=size)
         if sw.duplicate_disk:
             self._duplicate(env, sw.duplicate_disk, make_device, make_disk)

@@ -16,29 +16,35 @@ from typing import Any, NoReturn
 from hil.errors import RigFileError
 from hil.models import ModuleModel
 from hil.rig import _PORT_PATH  # the rig file's own port-path rule
+from hil.units import parse_size
 from hil.virtual.journal import Journal
 from hil.virtual.timing import DeviceClock
 from hil.virtual.usb.descriptors import Descriptors, StandardRequests
 from hil.virtual.usb.device import ControlSetup, DeviceGone, Stall, Unresponsive
 
 _PORT_HELP = 'a USB port path such as "1-1.5"'
-_FLAGS = ("config_55_32", "full_speed", "rom_double_sighting", "no_detach_after_done", "no_mass_storage")
+_FLAGS = ("config_55_32", "full_speed", "rom_double_sighting", "no_detach_after_done", "no_mass_storage",
+          "automount")
 
 
 @dataclass(frozen=True)
 class UsbSwitches:
     config_55_32: bool  # first GET_DESCRIPTOR(config) claims 55 bytes / 2 interfaces, later reads 32 / 1
-    full_speed: bool  # ROM enumerates at full speed with 512-byte bulk packets and EP2 declared OUT
+    full_speed: bool  # ROM enumerates at full speed, EP2 declared OUT (2835: legal 64-byte bulk; later ROMs: 512)
     rom_double_sighting: bool = False  # ROM lingers ~1.5 s after its status; a re-send times out
     first_control: str | None = None  # "stall" | "timeout": first vendor control transfer per boot stage
     request_delay: float = 0.0  # extra device-side seconds before the first file request
     no_detach_after_done: bool = False  # second stage stays on the bus after Done; nothing follows
     rom_status: int = 0  # non-zero: the ROM answers every exchange with this status and does not boot
+    rom_odd_status: int = 0  # non-zero: the ROM answers this status but boots anyway (rpiboot ignores it)
+    rom_failed_exchanges: int = 0  # the first N boot-message announces per power-on are never answered (#87)
     truncated_bulk: int | None = None  # bulk OUT bytes accepted per power-on before the device NAKs forever
     disconnect_at: int | None = None  # bytes into the second-stage download where the device drops off
     no_mass_storage: bool = False  # after Done the device leaves and no mass storage appears
     late_disk: float = 0.0  # seconds the mass-storage device has no medium (size 0) before the eMMC shows
     duplicate_disk: str | None = None  # port path where a second disk over the same eMMC appears
+    nvme: int = 0  # bytes of an NVMe drive on the carrier, which mass-storage-gadget64 exports too (0: none)
+    automount: bool = False  # a desktop on the host automounts the disk's partitions (hil.virtual.desktop)
 
 
 def default_switches(model: ModuleModel) -> UsbSwitches:
@@ -76,12 +82,19 @@ def parse_switches(raw: Mapping[str, Any], model: ModuleModel, source: object = 
             values[key] = value
         elif key in ("request_delay", "late_disk"):
             values[key] = number(key, value, float, 0.0)
-        elif key in ("truncated_bulk", "disconnect_at"):
+        elif key in ("truncated_bulk", "disconnect_at", "rom_failed_exchanges"):
             values[key] = number(key, value, int, 0)
-        elif key == "rom_status":
+        elif key in ("rom_status", "rom_odd_status"):
             values[key] = number(key, value, int, 1)
             if values[key] > 0xFFFFFFFF:
                 raise fail(key, f"{value} does not fit the ROM's 32-bit status", "use a value below 2**32")
+        elif key == "nvme":
+            try:
+                values[key] = parse_size(value) if isinstance(value, str | int) and not isinstance(value, bool) else -1
+            except ValueError:
+                values[key] = -1
+            if values[key] < 1024 * 1024 or values[key] % 512:
+                raise fail(key, f"{value!r} is not a drive size", 'write nvme = "1GiB" (a whole number of sectors)')
         elif key == "duplicate_disk":
             if not isinstance(value, str) or not _PORT_PATH.match(value):
                 raise fail(key, f"{value!r} is not a USB port path", f"write {key} = {_PORT_HELP}")
@@ -106,6 +119,7 @@ class DeviceEnv:
     power_cut: threading.Event = field(default_factory=threading.Event)
     bulk_received: int = 0  # for truncated_bulk
     disconnect_fired: bool = False
+    exchanges_failed: int = 0  # for rom_failed_exchanges
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def take_bulk(self, n: int) -> bool:
@@ -116,6 +130,15 @@ class DeviceEnv:
                 return False
             self.bulk_received += n
             return True
+
+    def fail_exchange(self) -> bool:
+        """The ``rom_failed_exchanges`` fault: True (and counted) while this power-on has exchanges to fail."""
+        with self._lock:
+            if self.exchanges_failed >= self.switches.rom_failed_exchanges:
+                return False
+            self.exchanges_failed += 1
+        self.journal.record("fault", "rom_failed_exchanges", stage="rom", failed=self.exchanges_failed)
+        return True
 
     def check_power(self) -> None:
         if self.power_cut.is_set():

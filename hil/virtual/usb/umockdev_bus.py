@@ -163,7 +163,7 @@ class UsbBus:
     def port(self, path: str, controller: str = "xhci", journal: Journal | None = None) -> UsbPort:
         """The port at ``path`` ("1-1.4": bus 1, root port 1, hub port 4), creating its bus, host
         controller and hubs on first use. ``controller`` is a kind with an optional host profile
-        (``"ehci-strict"``; :mod:`hil.virtual.usb.hostprofiles`), lenient unless said otherwise."""
+        (``"ehci-hypothesis-maxpacket"``; :mod:`hil.virtual.usb.hostprofiles`), lenient unless said otherwise."""
         match = _PORT_PATH.match(path)
         if not match:
             raise InputError(f"USB port path {path!r} is not like '1-1.4'; write BUS-PORT[.PORT...]",
@@ -244,7 +244,7 @@ class UsbBus:
         release = platform.release()
         version = re.match(r"(\d+)\.(\d+)", release)
         bcd = int(f"{version[1]}{int(version[2]):02d}", 16) if version else 0
-        strings = {1: bus.pci_name, 2: kind.product, 3: f"Linux {release} {kind.driver}"}
+        strings = {1: bus.pci_name, 2: kind.product + profile.label, 3: f"Linux {release} {kind.driver}"}
         root_hub = _hub(0x1D6B, 0x0002, bcd, strings)
         bus.hubs[f"usb{number}"] = self._plug(number, None, f"usb{number}", root_hub, None)
         return bus
@@ -273,7 +273,7 @@ class UsbBus:
                              bus.pci_name, sysfs.effective_speed(model.identity.speed, bus.controller))
         config = sysfs.parse_config(model.identity.config_descriptors[0])
         drivers = {i.number: DRIVERS[i.cls] for i in config.interfaces if i.cls in DRIVERS}
-        admission = bus.profile.admit(node.speed, model.identity.config_descriptors)
+        admission = bus.profile.admit(node.speed, model.identity.config_descriptors, model.identity.device_descriptor)
         enumeration = Enumeration(node, model, bus.controller, drivers, journal, admission)
         for line in admission.warnings:  # what the kernel would print in dmesg
             log.warning("usb %s: %s", name, line)
