@@ -11,6 +11,14 @@ from hil.errors import InfrastructureError
 from hil.rig import RelayLine, Relays
 
 
+@pytest.fixture(autouse=True)
+def fresh_pins() -> None:
+    """Pins as a new board has them: an earlier test's pulls (the virtual relay board models them) stay out."""
+    factory = pin_factory("mock")
+    assert isinstance(factory, MockFactory)
+    factory.reset()
+
+
 def relays(nwp_rest: bool = False) -> Relays:
     return Relays(
         power=RelayLine("power", 5, True, "mock"),

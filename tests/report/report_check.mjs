@@ -13,7 +13,7 @@ const [url, specJson] = process.argv.slice(2);
 const spec = JSON.parse(specJson);
 const WAIT_MS = 20_000;
 const FIRST_LOAD_MS = 60_000; // a browser's first start on a fresh machine builds its caches (fonts, profile)
-const DEADLINE_MS = 100_000; // under the pytest side's 120 s, so that chromium is always closed by us
+const DEADLINE_MS = 200_000; // under the pytest side's 240 s, so that chromium is always closed by us
 const LOOPBACK = new Set(["localhost", "127.0.0.1", "[::1]"]);
 
 const browser = await chromium.launch({

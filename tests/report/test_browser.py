@@ -63,7 +63,7 @@ def _look_at(url: str, sample: SimpleNamespace) -> dict:
         },
     }
     done = subprocess.run(
-        ["node", str(CHECK), url, json.dumps(spec)], capture_output=True, text=True, timeout=120, check=False
+        ["node", str(CHECK), url, json.dumps(spec)], capture_output=True, text=True, timeout=240, check=False
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
