@@ -19,6 +19,7 @@ from typing import Any
 
 from hil.errors import RigFileError
 from hil.models import MODELS, ModuleModel, emmc_size_plausible
+from hil.runtime import default_runtime_dir
 from hil.units import parse_size
 
 PIN_FACTORIES = ("mock", "lgpio", "rpigpio", "pigpio", "native")
@@ -221,8 +222,9 @@ def parse_stage_timeout(item: str) -> tuple[str, float] | None:
 
 
 def runtime_dir() -> Path:
-    """Where live rig state (locks, virtual consoles) goes; overridable for tests and parallel runs."""
-    return Path(os.environ.get("HIL_RUNTIME_DIR") or f"/tmp/cm-hil-{os.getuid()}")
+    """Where live rig state (locks, virtual consoles) goes; overridable for tests and parallel runs
+    (:func:`hil.runtime.default_runtime_dir`; whoever creates files there uses :mod:`hil.runtime`)."""
+    return default_runtime_dir()
 
 
 class _Table:

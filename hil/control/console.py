@@ -9,6 +9,7 @@ they appear. A timeout error shows the last lines and where the full log is.
 from __future__ import annotations
 
 import bisect
+import os
 import re
 import threading
 import time
@@ -21,6 +22,7 @@ from typing import TextIO
 import serial
 
 from hil.errors import Fault, HilError, InfrastructureError, ProductError, StageTimeout
+from hil.runtime import open_private
 
 _PRINTABLE = re.compile(rb"[\t\r\n\x20-\x7e]")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -77,7 +79,9 @@ class Console:
         self._t0 = time.monotonic()
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = self.log_path.open("a", encoding="utf-8")
+            # 0600: the log holds the module's login session
+            self._log = os.fdopen(open_private(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a",
+                                  encoding="utf-8")
         self._thread = threading.Thread(target=self._reader, name=f"{self.name}-reader", daemon=True)
         self._thread.start()
         return self

@@ -38,6 +38,7 @@ from hil.errors import HilError, InfrastructureError, InputError
 from hil.flash import bootfacts
 from hil.flash.bootfacts import BootFacts
 from hil.rig import Rig, runtime_dir
+from hil.runtime import open_private, private_dir
 from hil.usbboot.selection import Identity
 
 if TYPE_CHECKING:
@@ -71,6 +72,11 @@ def rig_dir(rig: Rig) -> Path:
     return runtime_dir() / rig.name
 
 
+def _private_rig_dir(rig: Rig) -> Path:
+    """The rig's runtime folder, created 0700 and checked (see :mod:`hil.runtime`)."""
+    return private_dir(rig_dir(rig), base=runtime_dir())
+
+
 class RigLock:
     """An exclusive lock on one rig; the kernel drops it when its holder dies, however it dies."""
 
@@ -82,8 +88,8 @@ class RigLock:
     def acquire(self, wait: float = 0.0) -> None:
         if self._fd >= 0:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        _private_rig_dir(self.rig)
+        fd = open_private(self.path, os.O_RDWR | os.O_CREAT)
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -115,11 +121,17 @@ class StateFile:
     """What the rig's holder last did to the relays, kept across crashes of that holder."""
 
     def __init__(self, rig: Rig):
+        self.rig = rig
         self.path = rig_dir(rig) / "state.json"
 
     def read(self) -> dict[str, Any]:
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            fd = open_private(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return {}
+        try:
+            with os.fdopen(fd, "rb") as f:
+                data = json.loads(f.read(1 << 20))
         except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
@@ -127,9 +139,9 @@ class StateFile:
     def write(self, *, relays_on: bool, state: ModuleState, kept: bool = False) -> None:
         record = {"relays_on": relays_on, "state": state.value, "pid": os.getpid(),
                   "argv": sys.argv[:8], "time": time.time(), "kept": kept}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _private_rig_dir(self.rig)
         tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w", encoding="utf-8") as f:
             json.dump(record, f)
             f.flush()
             os.fsync(f.fileno())

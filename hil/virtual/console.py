@@ -29,6 +29,7 @@ from typing import Any
 
 from hil.errors import InfrastructureError, RigFileError
 from hil.rig import Rig
+from hil.runtime import private_dir
 from hil.virtual.journal import Journal
 from hil.virtual.timing import DeviceClock
 
@@ -141,7 +142,7 @@ class VirtualConsole:
         self.close()
 
     def _publish(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         if self.path.exists() and not self.path.is_symlink():
             raise InfrastructureError(f"{self.path} exists and is not a console symlink, so the virtual "
                                       "console cannot be published there. Fix: remove it or set "

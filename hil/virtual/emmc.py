@@ -29,6 +29,7 @@ from typing import IO
 import hil.rig
 from hil.errors import InfrastructureError
 from hil.hostenv import outside_umockdev
+from hil.runtime import open_private, private_dir
 from hil.virtual.journal import Journal
 from hil.virtual.throttlefs import CONTROL_NAME, IMAGE_NAME, MAX_WRITE, OPS, Fault, State, encode_state
 
@@ -79,8 +80,8 @@ class _FuseLoop:
         if missing:
             raise InfrastructureError(f"{', '.join(missing)} not found. Fix: install util-linux and fuse3, "
                                       "or set [virtual.emmc] loop_device = false", stage=STAGE)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.workdir / "lock", "wb")  # noqa: SIM115 - held until stop()
+        private_dir(self.workdir, base=hil.rig.runtime_dir())
+        self._lock = os.fdopen(open_private(self.workdir / "lock", os.O_WRONLY | os.O_CREAT), "wb")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -91,7 +92,7 @@ class _FuseLoop:
                                       stage=STAGE) from None
         self._remove_leftovers()
         self.mountpoint.mkdir(exist_ok=True)
-        self._log = open(self.workdir / "server.log", "wb")  # noqa: SIM115 - the server's output, until stop()
+        self._log = os.fdopen(open_private(self.workdir / "server.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb")
         self._server = subprocess.Popen(
             [sys.executable, "-m", "hil.virtual.throttlefs", str(self.image), str(self.mountpoint)],
             env=outside_umockdev(), stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
