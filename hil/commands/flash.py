@@ -51,6 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-customise", action="store_true",
                    help="write the image as it is: no serial console, user, hostname or run token added (for images "
                         "prepared by hand; also [customise] enabled = false)")
+    p.add_argument("--raw", action="store_true",
+                   help="write the file even though it carries no valid MBR or GPT partition table (raw data)")
     p.set_defaults(func=_run)
 
 
@@ -118,11 +120,11 @@ def _power_usb_boot(relays: RelayBank, rig: Rig) -> None:
 def _run(args: argparse.Namespace) -> int:
     rig = load_rig(args.rig)
     config = _options(args.config)
-    image = open_image(args.image, rig.emmc_size, bmap=args.bmap)
+    image = open_image(args.image, rig.emmc_size, bmap=args.bmap, raw=args.raw)
     for warning in lint_image(image, rig.model):
         print(f"hil: warning: {warning}", file=sys.stderr)
     plan = None
-    if rig.customise.enabled and not args.no_customise:  # refused here, before anything is touched
+    if rig.customise.enabled and not args.no_customise and not args.raw:  # refused before anything is touched
         customise.check_image(image)
         plan = customise.plan(rig)
     size = human_size(image.size) if image.size is not None else "size known after decoding"

@@ -121,7 +121,9 @@ def check_partitions(fd: int, device: str) -> PartitionCheck:
         reread = False
     path = device_path(fd)
     try:
-        layout = read_layout(path)
+        with open(path, "rb", buffering=0) as f:
+            f.name = device  # messages name the disk, not /proc/PID/fd/N
+            layout = read_layout(f)
     except ProductError as e:
         raise ProductError(f"after the write {device} has no usable partition table: {e.message}",
                            stage=STAGE) from None

@@ -10,8 +10,10 @@ can be planned as it is decoded; whatever is not yet known is treated as mapped 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import io
 import os
+import stat
 import struct
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
@@ -99,37 +101,69 @@ class Bmap:
     image_size: int
     block_size: int
     ranges: list[Extent]
+    checksum_type: str | None = None  # a hashlib name: sha256 (format 2.0 and later), sha1 (1.x)
+    checksums: tuple[tuple[int, int, str], ...] = ()  # (start, end, hex digest) of each listed range
 
     @property
     def mapped_bytes(self) -> int:
         return total(self.ranges)
 
 
+_CHECKSUM_TYPES = ("sha256", "sha1", "md5")
+
+
 def read_bmap(path: Path) -> Bmap:
-    """Parse a bmap file (format 1.x/2.x): image size, block size and the mapped block ranges."""
+    """Parse a bmap file (bmaptool's format 1.x to 2.x): image size, block size, the mapped block ranges and
+    their checksums. The file's own checksum (BmapFileChecksum, taken with its value zeroed) must match."""
     def bad(why: str) -> InputError:
         return InputError(f"{path} is not a usable .bmap file: {why}. Fix: regenerate it with `bmaptool create` "
                           "or remove it (the flash then finds the mapped ranges itself)", stage=_STAGE)
 
     try:
-        root = ET.parse(path).getroot()
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise bad("it is not a regular file")
+        with open(path, "rb") as f:
+            raw = f.read(64 * 1024**2)
+        root = ET.fromstring(raw)
         image_size = int((root.findtext("ImageSize") or "").strip())
         block_size = int((root.findtext("BlockSize") or "").strip())
+        major = int((root.get("version") or "1.0").split(".")[0])
     except (ET.ParseError, ValueError, OSError) as e:
         raise bad(str(e) or "ImageSize or BlockSize missing") from None
     if image_size <= 0 or block_size <= 0 or block_size % 512:
         raise bad(f"image size {image_size} / block size {block_size}")
+    kind = (root.findtext("ChecksumType") or "").strip().lower() if major >= 2 else "sha1"
+    if kind and kind not in _CHECKSUM_TYPES:
+        raise bad(f"unknown ChecksumType {kind!r}")
+    attribute = "chksum" if major >= 2 else "sha1"
+    own = (root.findtext("BmapFileChecksum") or root.findtext("BmapFileSHA1") or "").strip()
+    if own and kind:
+        algo = "sha1" if root.find("BmapFileSHA1") is not None else kind
+        if hashlib.new(algo, raw.replace(own.encode(), b"0" * len(own))).hexdigest() != own.lower():
+            raise bad("its own checksum (BmapFileChecksum) does not match: the file was changed after bmaptool "
+                      "wrote it")
     ranges = []
+    checksums = []
     for item in root.iterfind("BlockMap/Range"):
         first, _, last = (item.text or "").strip().partition("-")
         try:
             a, b = int(first), int(last or first)
         except ValueError:
             raise bad(f"range {item.text!r}") from None
-        if b < a or (b + 1) * block_size > -(-image_size // block_size) * block_size:
+        if a < 0 or b < a or (b + 1) * block_size > -(-image_size // block_size) * block_size:
             raise bad(f"range {item.text!r} lies outside the {image_size}-byte image")
-        ranges.append((a * block_size, min((b + 1) * block_size, image_size)))
-    return Bmap(path, image_size, block_size, merge(ranges))
+        extent = (a * block_size, min((b + 1) * block_size, image_size))
+        ranges.append(extent)
+        digest = (item.get(attribute) or "").strip().lower()
+        if digest and kind:
+            if len(digest) != hashlib.new(kind).digest_size * 2 or any(c not in "0123456789abcdef" for c in digest):
+                raise bad(f"range {item.text!r} has the malformed {kind} checksum {digest!r}")
+            checksums.append((*extent, digest))
+    checksums.sort()
+    for (_, end, _), (start, _, _) in zip(checksums, checksums[1:], strict=False):
+        if start < end:
+            raise bad(f"ranges overlap at byte {start}")
+    return Bmap(path, image_size, block_size, merge(ranges), kind or None, tuple(checksums))
 
 
 def sparse_ranges(path: Path) -> list[Extent] | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -19,8 +20,9 @@ from pathlib import Path
 from types import TracebackType
 
 from hil.errors import InputError, ProductError
-from hil.flash.ranges import Bmap, read_bmap
-from hil.image.mbr import read_layout
+from hil.flash.ranges import Bmap, FixedRanges, read_bmap
+from hil.image import gpt
+from hil.image.mbr import SECTOR, layout_of
 from hil.image.tools import need, run, tool_env
 from hil.units import human_size
 
@@ -57,21 +59,37 @@ def detect(path: Path) -> str:
     return next((fmt for fmt, magic in MAGIC.items() if head.startswith(magic)), "raw")
 
 
+def regular_file(path: Path, what: str) -> int:
+    """The size of ``path``, refused at once (InputError) unless it is a regular file: reading a FIFO or a
+    socket waits forever, a character device never ends."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise InputError(f"{what} {path} cannot be read: {e.strerror}. Fix: check the path", stage=STAGE) from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+                stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder"}.get(stat.S_IFMT(st.st_mode), "not a file")
+        raise InputError(f"{what} {path} is {kind}, not a regular file; nothing was written. Fix: give the "
+                         "path of an image file", stage=STAGE, image=str(path))
+    return st.st_size
+
+
 def open_image(path: Path | str, capacity: int, *, bmap: Path | None = None,
-               test_limit: int = TEST_PASS_LIMIT) -> Image:
+               test_limit: int = TEST_PASS_LIMIT, raw: bool = False) -> Image:
     """Look at ``path`` and refuse it (InputError) if it cannot fit ``capacity`` bytes or is broken.
 
-    ``bmap`` defaults to a companion file: ``x.img.bmap`` for ``x.img``, ``x.img.xz`` and the like."""
+    Unless ``raw``, the image must start with a valid MBR or GPT whose partitions fit it (random data or a
+    program renamed .img is refused before a byte is written). ``bmap`` defaults to a companion file:
+    ``x.img.bmap`` for ``x.img``, ``x.img.xz`` and the like."""
     path = Path(path)
+    file_size = regular_file(path, "image")
     try:
-        file_size = path.stat().st_size
         fmt = detect(path)
     except OSError as e:
         raise InputError(f"image {path} cannot be read: {e.strerror}. Fix: check the path", stage=STAGE) from None
     size: int | None
     if fmt == "raw":
         size = file_size
-        _check_raw(path)
     elif fmt == "xz":
         size = _xz_size(path)
     elif fmt == "zst":
@@ -95,7 +113,49 @@ def open_image(path: Path | str, capacity: int, *, bmap: Path | None = None,
                          capacity=capacity)
     if size is not None and size == 0:
         raise InputError(f"image {path} is empty. Fix: check the file", stage=STAGE)
-    return Image(path, fmt, file_size, known, parsed)
+    image = Image(path, fmt, file_size, known, parsed)
+    if not raw:
+        check_partition_table(image)
+    return image
+
+
+def _not_a_disk_image(path: Path, why: str) -> InputError:
+    return InputError(f"image {path} is not a disk image ({why}); nothing was written. Fix: use a disk image "
+                      "(it starts with an MBR or GPT partition table), or pass --raw to write raw data on purpose",
+                      stage=STAGE, image=str(path))
+
+
+def check_partition_table(image: Image) -> None:
+    """A valid MBR with partitions, or a protective MBR and a valid GPT, all inside the image; and, with a
+    .bmap, the table and each partition's first block among its mapped ranges (else the .bmap belongs to
+    another image). InputError otherwise."""
+    data = head(image, 64 * 1024)
+    try:
+        layout = layout_of(data, image.size, "it")
+    except ProductError as e:
+        why = e.message.split(". Fix:")[0]
+        if data[510:512] == b"\x55\xaa":  # it means to be a disk image: a broken one
+            raise _broken(image.path, why) from None
+        raise _not_a_disk_image(image.path, why) from None
+    if not layout.partitions:
+        raise _not_a_disk_image(image.path, "its MBR lists no partitions")
+    starts = [p.start for p in layout.partitions]
+    if any(p.type_id == gpt.PROTECTIVE_TYPE for p in layout.partitions):
+        need = gpt.entries_end(data)
+        if len(data) < need <= gpt.MAX_ENTRIES_BYTES + 64 * 1024:
+            data = head(image, need)
+        try:
+            table = gpt.read_gpt(data, image.size, "it")
+        except ProductError as e:
+            raise _broken(image.path, e.message) from None
+        starts = [p.start for p in table.partitions]
+    if image.bmap is not None:
+        mapped = FixedRanges(image.bmap.ranges)
+        for what, at in (("the partition table", 0), *((f"the partition at byte {s}", s) for s in starts)):
+            if not mapped.mapped(at, at + SECTOR):
+                raise InputError(f"{image.bmap.path} does not map {what} of {image.path}: the .bmap was made for "
+                                 "another image; nothing was written. Fix: use the image's own .bmap, or remove "
+                                 "it", stage=STAGE, bmap=str(image.bmap.path))
 
 
 def _companion_bmap(path: Path) -> Path | None:
@@ -109,19 +169,6 @@ def _companion_bmap(path: Path) -> Path | None:
 def _broken(path: Path, why: str) -> InputError:
     return InputError(f"image {path} is corrupt or truncated ({why}); nothing was written. "
                       "Fix: download or copy the image again", stage=STAGE, image=str(path))
-
-
-def _check_raw(path: Path) -> None:
-    """A boot signature with a broken table, or partitions past the end of the file, is a bad image; an
-    image without any MBR is written as it is (it just cannot be planned by partitions)."""
-    with open(path, "rb") as f:
-        f.seek(510)
-        signed = f.read(2) == b"\x55\xaa"
-    if signed:
-        try:
-            read_layout(path)
-        except ProductError as e:
-            raise _broken(path, e.message) from None
 
 
 def _xz_size(path: Path) -> int:

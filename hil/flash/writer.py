@@ -6,8 +6,11 @@ will be written and copying it into the image cache) and a writer thread doing `
 ``O_DIRECT``. The system calls release the GIL, so the threads really overlap. The checksums of what was
 written (:mod:`hil.flash.digest`) are the reference for :mod:`hil.flash.verify`.
 
-If the image turns out bad after writing began (a decode error, or more data than the disk holds),
-the first sectors are zeroed so the module cannot boot a half-written image, and the error says so.
+The first MiB (partition table, boot sector) is zeroed before anything else is written and gets its
+image bytes last, after everything else is on the disk and synced: a flash cut short at any point (Ctrl-C,
+power, a crash) leaves a disk with no partition table, which no module boots. If the image turns out bad
+after writing began (a decode error, a .bmap checksum, more data than the disk holds), the first MiB is
+zeroed again and the error says so.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 from hil.errors import HilError, InputError, ProductError
 from hil.flash.cache import CacheWriter, ImageCache
+from hil.flash.checksums import StreamChecksums
 from hil.flash.digest import piece_digest
 from hil.flash.ranges import AllocationMap, Extent, FixedRanges, Plan, merge, sparse_ranges, total
 from hil.flash.sources import DecodedStream, Image
@@ -32,6 +36,7 @@ from hil.units import human_size
 
 STAGE = "flash.write"
 CHUNK = 4 * 1024**2
+HEAD = 1024**2  # written last: an MBR or GPT and the boot sector lie in it
 BUFFERS = 6
 SECTOR = 512
 #: progress(position in the image, image size if known, bytes written so far, seconds since start)
@@ -154,6 +159,9 @@ def write_image(image: Image, fd: int, device: str, capacity: int, *, cache: Ima
     for i in range(BUFFERS):
         free.put(i)
     disk = _DiskWriter(fd, buffers, free)
+    first = _Head(fd)
+    checks = (StreamChecksums(image.bmap) if entry is None and image.bmap is not None and image.bmap.checksums
+              else None)
     disk.start()
     started = time.monotonic()
     tails: list[_Tail] = []
@@ -161,15 +169,22 @@ def write_image(image: Image, fd: int, device: str, capacity: int, *, cache: Ima
         chunks = (_random_access(source_path, size or 0, plan, buffers, free) if entry or not image.compressed
                   else _decoded(image, plan, buffers, free, tails))
         with contextlib.closing(chunks):
-            position = _feed(chunks, image, capacity, buffers, disk, result, cache_writer, progress, started)
+            position = _feed(chunks, image, capacity, buffers, disk, result, cache_writer, progress, started,
+                             first, checks)
+        if checks is not None:
+            checks.finish()
         disk.jobs.put(None)
         disk.join()
-        if disk.error is not None:
-            at, e = disk.error
+        try:
+            if disk.error is not None:
+                raise disk.error[1]
+            os.fsync(fd)
+            first.write()
+        except OSError as e:
+            at = disk.error[0] if disk.error is not None else 0
             raise ProductError(f"the eMMC on {device} failed a write at byte {at} ({e.strerror or e}). Fix: "
                                "retry once; if it fails again at the same place the eMMC is worn or faulty",
-                               stage=STAGE, offset=at, errno=e.errno)
-        os.fsync(fd)
+                               stage=STAGE, offset=at, errno=e.errno) from None
         result.seconds = time.monotonic() - started
         result.image_size = size if size is not None else position
         try:
@@ -196,15 +211,64 @@ def write_image(image: Image, fd: int, device: str, capacity: int, *, cache: Ima
     finally:
         for b in buffers:
             b.close()
+        first.close()
     if cache_writer is not None:
         cache_writer.commit(result.image_size, merge((w.start, w.end) for w in result.written))
     return result
 
 
+class _Head:
+    """The image's first MiB, held back in memory until the rest is on the disk (see the module's doc)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.buffer = mmap.mmap(-1, HEAD)  # page-aligned, for O_DIRECT
+        self.ranges: list[Extent] = []
+        self.zeroed = False
+
+    def zero_first(self) -> None:
+        """Before the first byte of the image: the disk's old table goes, so a cut-short flash is unbootable."""
+        if not self.zeroed:
+            with mmap.mmap(-1, HEAD) as zeros:
+                os.pwritev(self.fd, [zeros], 0)
+            os.fsync(self.fd)
+            self.zeroed = True
+
+    def hold(self, base: int, view: memoryview, ranges: list[Extent]) -> list[Extent]:
+        """Keep the pieces of ``ranges`` below :data:`HEAD`; the rest, to be written now."""
+        now = []
+        for start, end in ranges:
+            if start < HEAD:
+                stop = min(end, HEAD)
+                self.buffer[start:stop] = view[start - base:stop - base]
+                self.ranges.append((start, stop))
+                start = stop
+            if start < end:
+                now.append((start, end))
+        return now
+
+    def write(self) -> None:
+        """Last: the held pieces, then a sync."""
+        view = memoryview(self.buffer)
+        try:
+            for start, end in self.ranges:
+                length = -(-(end - start) // SECTOR) * SECTOR
+                done = os.pwritev(self.fd, [view[start:start + length]], start)
+                if done != length:
+                    raise OSError(errno.EIO, f"short write ({done} of {length} bytes)")
+        finally:
+            view.release()
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        self.buffer.close()
+
+
 def _feed(chunks: Iterator[tuple[int, int, int, list[Extent]]], image: Image, capacity: int,
           buffers: list[mmap.mmap], disk: _DiskWriter, result: WriteResult, cache_writer: CacheWriter | None,
-          progress: Progress | None, started: float) -> int:
-    """Hash (and cache) each chunk's mapped pieces, hand the chunk to the writer; the end position."""
+          progress: Progress | None, started: float, first: _Head, checks: StreamChecksums | None) -> int:
+    """Check, hash (and cache) each chunk's mapped pieces, hold back what lies in the first MiB and hand the
+    rest to the writer; the end position."""
     position = 0
     for index, base, length, ranges in chunks:
         if disk.error is not None:
@@ -215,14 +279,20 @@ def _feed(chunks: Iterator[tuple[int, int, int, list[Extent]]], image: Image, ca
                              f"({end} bytes and counting). Fix: use an image built for this eMMC size",
                              stage=STAGE)
         view = memoryview(buffers[index])
-        for start, stop in ranges:
-            piece = view[start - base:stop - base]
-            result.written.append(Written(start, stop, piece_digest(piece)))
-            if cache_writer is not None:
-                cache_writer.write(start, piece)
-            piece.release()
-        view.release()
-        disk.jobs.put((index, base, ranges))
+        try:
+            if checks is not None:
+                checks.feed(base, view[:length])
+            for start, stop in ranges:
+                piece = view[start - base:stop - base]
+                result.written.append(Written(start, stop, piece_digest(piece)))
+                if cache_writer is not None:
+                    cache_writer.write(start, piece)
+                piece.release()
+            first.zero_first()
+            now = first.hold(base, view, ranges)
+        finally:
+            view.release()
+        disk.jobs.put((index, base, now))
         position = end
         if progress is not None:
             progress(position, result.image_size or None, result.bytes_written, time.monotonic() - started)

@@ -6,6 +6,7 @@ Logical partitions (inside an extended one) are not followed: Raspberry Pi OS ne
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 from dataclasses import dataclass
@@ -88,6 +89,27 @@ def read_layout(f: BinaryIO | Path | str) -> DiskLayout:
                 f"({disk_size} bytes): the image is truncated or larger than this disk",
                 stage=_STAGE, partition=p.index, end=p.end, disk_size=disk_size)
     return DiskLayout(int.from_bytes(sector[_DISK_ID:_DISK_ID + 4], "little"), tuple(parts))
+
+
+class _Head(io.BytesIO):
+    """A disk's leading bytes that report the whole disk's size to :func:`read_layout`'s bounds check."""
+
+    def __init__(self, data: bytes, size: int | None, name: str):
+        super().__init__(data)
+        self.name = name
+        self._size = size
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence == os.SEEK_END:
+            if self._size is None:
+                raise OSError("size unknown")
+            return self._size
+        return super().seek(pos, whence)
+
+
+def layout_of(head: bytes, disk_size: int | None, name: str = "the disk") -> DiskLayout:
+    """:func:`read_layout` on the first sector of a disk of ``disk_size`` bytes (None: unknown, unchecked)."""
+    return read_layout(_Head(head[:SECTOR], disk_size, name))
 
 
 def encode(layout: DiskLayout) -> bytes:
