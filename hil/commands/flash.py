@@ -159,6 +159,8 @@ def _run(args: argparse.Namespace) -> int:
             for check in checked:
                 print(f"verify  {human_size(check.bytes_read)} in {check.seconds:.1f} s, "
                       f"{check.mbps:.1f} MB/s: identical")
+            if args.raw:  # raw data on purpose: no partitions to check or edit
+                return 0
             parts = check_partitions(guarded.fd, disk.node)
             if config or args.cmdline:
                 set_boot_options(guarded.fd, disk.node, parts.boot, config, args.cmdline)

@@ -281,7 +281,8 @@ def _feed(chunks: Iterator[tuple[int, int, int, list[Extent]]], image: Image, ca
         view = memoryview(buffers[index])
         try:
             if checks is not None:
-                checks.feed(base, view[:length])
+                with view[:length] as part:  # released even when the check raises
+                    checks.feed(base, part)
             for start, stop in ranges:
                 piece = view[start - base:stop - base]
                 result.written.append(Written(start, stop, piece_digest(piece)))

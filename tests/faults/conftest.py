@@ -38,7 +38,7 @@ def rig_file(folder: Path, name: str, port: str, gpios: tuple[int, int], payload
     usb = {"payload": str(payload)} if payload else {}
     path.write_text(virtual_rig_toml(name, "cm4", port, state_dir=folder / "state", emmc=f"{EMMC // MiB}MiB",
                                      power_gpio=gpios[0], boot_gpio=gpios[1], nwp_gpio=None, off_time=0.01,
-                                     baud=115200, timeouts={"mass_storage": 5}, speedup=50.0,
+                                     baud=115200, timeouts={"mass_storage": 5, "kernel": 5}, speedup=50.0,
                                      extra={"relays": {"pin_factory": "mock"}, "usb": usb}))
     return path
 
