@@ -171,13 +171,13 @@ def write_image(image: Image, fd: int, device: str, capacity: int, *, cache: Ima
         with contextlib.closing(chunks):
             position = _feed(chunks, image, capacity, buffers, disk, result, cache_writer, progress, started,
                              first, checks)
-        if checks is not None:
-            checks.finish()
         disk.jobs.put(None)
         disk.join()
         try:
             if disk.error is not None:
                 raise disk.error[1]
+            if checks is not None:
+                checks.finish()
             os.fsync(fd)
             first.write()
         except OSError as e:
