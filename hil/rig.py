@@ -8,11 +8,12 @@ key and the fix, so a broken rig file never surfaces as a traceback.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import shlex
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,13 +219,28 @@ def parse_stage_timeout(item: str) -> tuple[str, float] | None:
         seconds = float(value)
     except ValueError:
         return None
-    return (stage, seconds) if stage in DEFAULT_TIMEOUTS and seconds > 0 else None
+    return (stage, seconds) if stage in DEFAULT_TIMEOUTS and 0 < seconds <= MAX_SECONDS else None
 
 
 def runtime_dir() -> Path:
     """Where live rig state (locks, virtual consoles) goes; overridable for tests and parallel runs
     (:func:`hil.runtime.default_runtime_dir`; whoever creates files there uses :mod:`hil.runtime`)."""
     return default_runtime_dir()
+
+
+#: The largest number of seconds (timeouts, waits) or MB/s a rig file may give: a day. Anything larger is
+#: a typo, and ``inf`` would wait forever.
+MAX_SECONDS = 86400.0
+TOP_KEYS = ("name", "model", "emmc", "power", "relays", "usb", "console", "timeouts", "boot", "virtual")
+
+
+def _finite(t: _Table, name: str, value: Any) -> None:
+    """No nan or inf anywhere: TOML allows them, and an inf timeout waits forever, a nan compares false."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise t.fail(name, f"must be a finite number, not {value}", "write a finite number")
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _finite(t, f"{name}[{i}]", item)
 
 
 class _Table:
@@ -257,7 +273,26 @@ class _Table:
         if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
             names = " or ".join(k.__name__ for k in kinds)
             raise self.fail(name, f"must be {names}, not {value!r}", fix or f"give {name} a {names} value")
+        _finite(self, name, value)
         return value
+
+    def number(self, name: str, default: float, *, low: float, high: float, low_open: bool = False) -> float:
+        """A finite number in [low, high] (``low_open``: above low)."""
+        value = float(self.get(name, float, default))
+        if value < low or (low_open and value == low) or value > high:
+            side = ("positive" if low == 0 else f"above {low:g}") if low_open else f"at least {low:g}"
+            raise self.fail(name, f"must be {side} and at most {high:g} ({value:g})",
+                            f"use a number from {low:g} to {high:g}")
+        return value
+
+    def check_keys(self, known: Sequence[str], what: str = "key") -> None:
+        """Refuse a key not in ``known`` up front, with a "did you mean": a misspelt table is named as
+        misspelt, not reported as the right table missing."""
+        for name in self.data:
+            if name not in known:
+                near = difflib.get_close_matches(str(name), list(known), n=1)
+                raise self.fail(str(name), f"is not a known {what}", f"did you mean {near[0]!r}?" if near
+                                else f"use one of {', '.join(known)}")
 
     def table(self, name: str, *, required: bool = False) -> _Table | None:
         self.seen.add(name)
@@ -276,11 +311,8 @@ class _Table:
         except ValueError as e:
             raise self.fail(name, str(e), "write a size such as 8GB or 512MiB") from None
 
-    def positive(self, name: str, default: float) -> float:
-        value = self.get(name, float, default)
-        if value < 0:
-            raise self.fail(name, f"must not be negative ({value})", "use 0 or a positive number")
-        return float(value)
+    def positive(self, name: str, default: float, high: float = MAX_SECONDS) -> float:
+        return self.number(name, default, low=0.0, high=high)
 
     def done(self) -> None:
         for name in self.data:
@@ -306,6 +338,7 @@ def load_rig(path: str | os.PathLike[str], *, check_devices: bool = True) -> Rig
 
 def _parse(file: Path, raw: dict[str, Any], check_devices: bool) -> Rig:
     top = _Table(file, "", raw)
+    top.check_keys(TOP_KEYS, "table or key")
     name = top.get("name", str, file.stem)
     if not _RIG_NAME.match(name):
         raise top.fail("name", f"{name!r} is not a usable rig name", "use letters, digits, '-', '_' or '.'")
@@ -365,16 +398,14 @@ def _parse(file: Path, raw: dict[str, Any], check_devices: bool) -> Rig:
                 near = difflib.get_close_matches(key, list(DEFAULT_TIMEOUTS), n=1)
                 raise t.fail(key, "is not a known stage", f"did you mean {near[0]!r}?" if near
                              else f"use one of {', '.join(DEFAULT_TIMEOUTS)}")
-            value = t.get(key, float)
-            if value <= 0:
-                raise t.fail(key, f"must be positive ({value})", "give the stage's timeout in seconds")
-            timeouts[key] = value
+            timeouts[key] = t.number(key, 0.0, low=0.0, low_open=True, high=MAX_SECONDS)
     markers = dict(DEFAULT_MARKERS)
     forbidden = DEFAULT_FORBIDDEN
     b = top.table("boot")
     if b:
         m = b.table("markers")
         if m:
+            _check_marker_names(m)
             for key in m.data:
                 markers[key] = _regex(m, key)
         extra_forbidden = b.get("forbidden", list, [])
@@ -389,6 +420,21 @@ def _parse(file: Path, raw: dict[str, Any], check_devices: bool) -> Rig:
     return Rig(name=name, path=file, model=model, emmc_size=emmc_size, relays=relays, usb_ports=ports,
                payload=payload, console=console, timeouts=timeouts, markers=markers, forbidden=forbidden,
                virtual=virtual, power=power, customise=customise, usb_boot=usb_boot, usb_select=usb_select)
+
+
+#: Markers the framework itself reads besides DEFAULT_MARKERS (hil.control.bootconfirm.BUILD_ID_MARKER).
+KNOWN_EXTRA_MARKERS = ("build_id",)
+
+
+def _check_marker_names(t: _Table) -> None:
+    """A marker of one's own is fine; a name one typo away from a known one (``kernal``) would silently add a
+    marker and leave the real one at its default, so it is refused with a "did you mean"."""
+    known = [*DEFAULT_MARKERS, *KNOWN_EXTRA_MARKERS]
+    for key in t.data:
+        near = difflib.get_close_matches(str(key), known, n=1, cutoff=0.75)
+        if key not in known and near:
+            raise t.fail(str(key), "is not a known marker", f"did you mean {near[0]!r}? (a marker of your own needs "
+                         "a name unlike the built-in ones)")
 
 
 def _regex(t: _Table, key: str) -> str:
@@ -554,7 +600,7 @@ def _usb_select(t: _Table, ports: tuple[str, ...]) -> dict[str, tuple[str, ...]]
 
 def _console(t: _Table, rig_name: str, virtual: bool, check_devices: bool) -> Console:
     baud = t.get("baud", int, 115200)
-    if baud <= 0:
+    if not 0 < baud <= 16_000_000:
         raise t.fail("baud", f"{baud} is not a baud rate", "use the console's rate, usually 115200")
     device = t.get("device", str)
     t.done()
@@ -572,9 +618,8 @@ def _console(t: _Table, rig_name: str, virtual: bool, check_devices: bool) -> Co
 
 
 def _virtual(t: _Table, rig_name: str) -> Virtual:
-    speedup = t.get("speedup", float, 1.0)
-    if speedup <= 0:
-        raise t.fail("speedup", f"must be positive ({speedup})", "use 1 for real time, 10 to run ten times faster")
+    t.check_keys(("speedup", "boot_engine", "state_dir", "emmc", "usb", "console"), "key or table of [virtual]")
+    speedup = t.number("speedup", 1.0, low=0.0, low_open=True, high=1000.0)
     boot_engine = t.get("boot_engine", str, "model")
     if boot_engine not in ("model", "qemu"):
         raise t.fail("boot_engine", f"unknown boot engine {boot_engine!r}",
@@ -587,8 +632,8 @@ def _virtual(t: _Table, rig_name: str) -> Virtual:
     errors: list[EmmcFault] = []
     loop = True
     if e:
-        write_bps = e.positive("write_mbps", 35.0) * 1e6
-        read_bps = e.positive("read_mbps", 35.0) * 1e6
+        write_bps = e.positive("write_mbps", 35.0, high=100000.0) * 1e6
+        read_bps = e.positive("read_mbps", 35.0, high=100000.0) * 1e6
         loop = e.get("loop_device", bool, True)
         for i, item in enumerate(e.get("io_errors", list, [])):
             sub = _Table(e.file, f"{e.key('io_errors')}[{i}]", item)

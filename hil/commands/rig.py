@@ -20,6 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _check(args: argparse.Namespace) -> int:
     for i, path in enumerate(args.rig):
         rig = load_rig(path, check_devices=not args.offline)
+        if rig.is_virtual:  # the virtual module's own tables; only a virtual rig needs hil.virtual
+            from hil.virtual.rig import validate
+
+            validate(rig)
         if i:
             print()
         print(describe(rig))

@@ -20,7 +20,15 @@ from hil.control.relays import Relay
 from hil.errors import InfrastructureError, InputError
 from hil.rig import Rig
 from hil.usbboot.events import PortEvents
-from hil.usbboot.selection import Identity, PortPath, Stage, find_on_port, identity, model_for_rom
+from hil.usbboot.selection import (
+    Identity,
+    PortPath,
+    Stage,
+    find_on_port,
+    identity,
+    model_for_rom,
+    port_not_on_host,
+)
 
 STAGE = "bootmode"
 
@@ -137,6 +145,12 @@ def wait_for_rom(rig: Rig, timeout: float, backend: Any = None) -> Identity:
         found = events.wait(lambda: find_rom(rig, backend), time.monotonic() + timeout)
     if found is None:
         others = [str(identity(d)) for d in find_on_port(port, backend)]
+        missing = None if others else port_not_on_host(port)
+        if missing is not None:
+            raise InfrastructureError(f"no {rig.model.name} boot ROM appeared on USB port {port} within {timeout:g} s: "
+                                      f"{missing}. Fix: correct [usb] port in {rig.path} (lsusb -t shows this "
+                                      "host's ports), or plug the hub back in", stage="usbboot.rom", port=str(port),
+                                      missing_port=True)
         saw = f"; the port has {', '.join(others)}" if others else "; the port stayed empty"
         raise InfrastructureError(
             f"no {rig.model.name} boot ROM (0a5c:{rig.model.rom_pid:04x}) appeared on USB port {port} within "

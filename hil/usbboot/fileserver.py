@@ -2,12 +2,15 @@
 
 The lookup order is the one in usbboot-protocol.md section 4.3 (per-chip folder first, then the chip's
 member of ``bootfiles.bin``, then the folder itself), so a payload folder behaves on this host exactly as it
-does under ``rpiboot -d``. Names with ``..`` are refused: the device must not read outside the payload.
+does under ``rpiboot -d``. Names with ``..`` are refused, and only regular files whose real path lies inside
+the payload folder are served: the device must not read outside the payload, through a symlink either.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +61,7 @@ class Payload:
                              "--payload DIR or set payload under [usb] in the rig file",
                              stage="usbboot.payload", folder=str(folder))
         self.folder = folder
+        self._root = os.path.realpath(folder)
         self.model = model
         bootfiles = folder / BOOTFILES
         self.bootfiles = BootFiles(bootfiles) if bootfiles.is_file() else None
@@ -93,12 +97,25 @@ class Payload:
         return any((self.folder / name).exists() or (self.folder / self.model.chip_dir / name).exists()
                    for name in _RECOVERY_MARKERS)
 
-    @staticmethod
-    def _disk(path: Path) -> FoundFile | None:
-        try:
-            return FoundFile(path.read_bytes(), str(path))
-        except OSError:  # missing, a folder, a dangling symlink (usbboot#385) or unreadable
+    def _disk(self, path: Path) -> FoundFile | None:
+        """Only a regular file whose real path lies inside the payload folder: a symlink in the folder must
+        not hand the device /etc/shadow, and a FIFO must not hang the server."""
+        real = os.path.realpath(path)
+        if os.path.commonpath([real, self._root]) != self._root:
             return None
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:  # missing, a dangling symlink (usbboot#385) or unreadable
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                return FoundFile(f.read(), str(path))
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
 
 def parse_metadata(name: str) -> tuple[str, str] | None:

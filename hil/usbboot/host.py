@@ -37,6 +37,7 @@ from hil.usbboot.selection import (
     find_on_port,
     identity,
     model_for_rom,
+    port_not_on_host,
 )
 from hil.usbboot.trace import FileServed, Listener, StageTiming, Trace, Transfer
 
@@ -503,6 +504,9 @@ class UsbBoot:
             return None
         if dev is None:
             saw = f"; saw {', '.join(map(str, seen))}" if seen else ""
+            missing = None if seen or name != "rom" else port_not_on_host(self.port)
+            if missing:
+                saw = f": {missing} (correct the port; lsusb -t shows this host's ports)"
             self.trace.end(stage, False, f"timeout after {timeout:g} s{saw}")
             raise self._error(blame, name, f"{problem} on port {self.port} within {timeout:g} s{saw}")
         self.trace.end(stage, True, str(identity(dev)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import usb.core
@@ -38,6 +39,24 @@ class PortPath:
 
     def __str__(self) -> str:
         return f"{self.bus}-{'.'.join(map(str, self.ports))}"
+
+
+def port_not_on_host(port: PortPath) -> str | None:
+    """Why this host has no such port (its bus or the hub it hangs off is not there, or that hub has fewer
+    ports), or None when the port exists and was merely empty. Read from sysfs, as libusb sees it."""
+    devices = Path("/sys/bus/usb/devices")
+    parent = f"usb{port.bus}" if len(port.ports) == 1 else f"{port.bus}-{'.'.join(map(str, port.ports[:-1]))}"
+    if not (devices / f"usb{port.bus}").exists():
+        return f"this host has no USB bus {port.bus}, so port {port} does not exist here"
+    if not (devices / parent).exists():
+        return f"this host has no hub at {parent}, so port {port} does not exist here"
+    try:
+        ports = int((devices / parent / "maxchild").read_text())
+    except (OSError, ValueError):
+        return None
+    if port.ports[-1] > ports:
+        return f"the hub at {parent} has {ports} ports, so port {port} does not exist here"
+    return None
 
 
 class Stage(enum.Enum):

@@ -15,7 +15,9 @@ Faults (``[virtual.console]`` in the rig file):
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
+import math
 import os
 import select
 import threading
@@ -50,7 +52,7 @@ class ConsoleFaults:
         where = "virtual.console"
         unplug = raw.get("unplug_after")
         if unplug is not None and (isinstance(unplug, bool) or not isinstance(unplug, int | float)
-                                   or unplug < 0):
+                                   or not 0 <= unplug < math.inf):
             raise RigFileError(rig.path, f"{where}.unplug_after",
                                f"must be a number of seconds, not {unplug!r}",
                                "give the host seconds after which the adapter disappears, e.g. 2.5")
@@ -60,7 +62,9 @@ class ConsoleFaults:
                                "write garbage = true to mangle every byte (wrong baud rate)")
         for key in raw:
             if key not in ("unplug_after", "garbage"):
+                near = difflib.get_close_matches(str(key), ["unplug_after", "garbage"], n=1)
                 raise RigFileError(rig.path, f"{where}.{key}", "is not a known console fault",
+                                   f"did you mean {near[0]!r}?" if near else
                                    "use unplug_after = SECONDS or garbage = true")
         return cls(None if unplug is None else float(unplug), garbage)
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 from hil.errors import InfrastructureError, InputError, RigFileError
 from hil.hostenv import umockdev_active
 from hil.rig import Rig
-from hil.virtual.console import VirtualConsole
+from hil.virtual.console import ConsoleFaults, VirtualConsole
 from hil.virtual.eeprom import VirtualEeprom
 from hil.virtual.emmc import VirtualEmmc
 from hil.virtual.journal import Journal
@@ -36,6 +36,27 @@ if TYPE_CHECKING:
 CABLE_WAIT = 2.0  # host seconds a module switched off may take to discharge before its cable moves
 
 
+def validate(rig: Rig) -> None:
+    """Every ``[virtual.*]`` table the module reads only when it starts, checked now (``hil rig check``):
+    RigFileError naming the key, with a "did you mean"."""
+    from hil.virtual.usb.switches import parse_switches
+
+    assert rig.virtual is not None
+    _controllers(rig)
+    parse_switches(rig.virtual.usb, rig.model, rig.path)
+    ConsoleFaults.from_rig(rig)
+
+
+def _controllers(rig: Rig) -> None:
+    assert rig.virtual is not None
+    for port, text in rig.virtual.controllers.items():
+        try:
+            controller_spec(text, tuple(sysfs.CONTROLLERS))
+        except InputError as e:
+            raise RigFileError(rig.path, f"virtual.usb.controllers.{port}", e.message.rstrip("."),
+                               'write "KIND-PROFILE", e.g. "xhci-lenient" or "ehci-hypothesis-maxpacket"') from None
+
+
 class VirtualRig:
     _running: ClassVar[dict[str, VirtualRig]] = {}
     _running_lock: ClassVar[threading.Lock] = threading.Lock()
@@ -44,12 +65,7 @@ class VirtualRig:
         if rig.virtual is None:
             raise InputError(f"{rig.path} describes real hardware (it has no [virtual] section); "
                              "use one of rigs/virtual-*.toml", stage="virtual")
-        for port, text in rig.virtual.controllers.items():
-            try:
-                controller_spec(text, tuple(sysfs.CONTROLLERS))
-            except InputError as e:
-                raise RigFileError(rig.path, f"virtual.usb.controllers.{port}", e.message.rstrip("."),
-                                   'write "KIND-PROFILE", e.g. "xhci-lenient" or "ehci-hypothesis-maxpacket"') from None
+        _controllers(rig)
         self.rig = rig
         self.port = rig.usb_port  # where the module's USB cable is plugged in
         self.want_usb = umockdev_active() if usb is None else usb

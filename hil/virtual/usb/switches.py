@@ -8,6 +8,7 @@ turned on by a rig file to rehearse a failure the host must survive (usbboot-pro
 from __future__ import annotations
 
 import difflib
+import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -66,6 +67,8 @@ def parse_switches(raw: Mapping[str, Any], model: ModuleModel, source: object = 
         if isinstance(value, bool) or wrong_type:
             raise fail(key, f"must be a {'whole number' if kind is int else 'number'}, not {value!r}",
                        f"write {key} = {int(minimum) if kind is int else float(minimum)} or more")
+        if not math.isfinite(value):
+            raise fail(key, f"must be a finite number, not {value}", f"use {minimum} or more")
         if value < minimum:
             raise fail(key, f"must be at least {minimum} ({value})", f"use {minimum} or more")
         return kind(value)
