@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {
@@ -32,3 +33,12 @@ def human_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def seconds(text: str) -> float:
+    """A command line's number of seconds (argparse ``type``): finite, from 0 to a day; nan or inf would make a
+    wait that never ends or never waits."""
+    value = float(text)
+    if not math.isfinite(value) or not 0 <= value <= 86400:
+        raise ValueError(f"{text!r} is not a number of seconds from 0 to 86400")
+    return value

@@ -19,6 +19,7 @@ from hil.eeprom.pieeprom import IMAGE_SIZES
 from hil.errors import InputError
 from hil.models import MODELS, ModuleModel
 from hil.rig import load_rig
+from hil.units import seconds
 
 _EEPROM_MODELS = sorted(name for name, m in MODELS.items() if m.has_eeprom)
 
@@ -49,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     flash.add_argument("--keep-write-protect", action="store_true",
                        help="leave EEPROM_nWP pulled low during the update (rehearse a protected module)")
     flash.add_argument("--no-confirm", action="store_true", help="skip the UART check after the update")
-    flash.add_argument("--settle", type=float, help="seconds between USB enumeration and the first request")
+    flash.add_argument("--settle", type=seconds, help="seconds between USB enumeration and the first request")
     flash.add_argument("--json", type=Path, metavar="FILE", help="write the result as JSON")
     flash.set_defaults(func=_flash)
 

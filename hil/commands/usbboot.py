@@ -15,7 +15,7 @@ from typing import Any, TextIO
 from hil.errors import HilError, InputError
 from hil.models import MODELS
 from hil.rig import load_rig, parse_stage_timeout
-from hil.units import human_size
+from hil.units import human_size, seconds
 from hil.usbboot.host import DEFAULT_ROM_RETRIES, DEFAULT_SETTLE, READ_TIMEOUT, UsbBoot, UsbBootResult
 from hil.usbboot.trace import FileServed, Listener, StageTiming
 
@@ -34,9 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="what follows the file server (auto: nothing for recovery payloads)")
     p.add_argument("--timeout", action="append", default=[], metavar="STAGE=SECONDS",
                    help=f"override a stage timeout ({', '.join(_STAGES)})")
-    p.add_argument("--settle", type=float, default=DEFAULT_SETTLE,
+    p.add_argument("--settle", type=seconds, default=DEFAULT_SETTLE,
                    help=f"seconds between enumeration and the first request (default {DEFAULT_SETTLE:g})")
-    p.add_argument("--read-timeout", type=float, default=READ_TIMEOUT,
+    p.add_argument("--read-timeout", type=seconds, default=READ_TIMEOUT,
                    help=f"seconds per status/request read (default {READ_TIMEOUT:g})")
     p.add_argument("--rom-retries", type=int, default=None,
                    help=f"failed ROM exchanges to repeat (default: the rig file's, else {DEFAULT_ROM_RETRIES})")

@@ -93,3 +93,10 @@ def test_a_port_this_host_does_not_have_is_named(tmp_path: Path) -> None:
     payload = make_payload(tmp_path / "payload", "mass-storage-gadget64", ("cm4",), boot_img_size=1024**2)
     with pytest.raises(InfrastructureError, match="no USB bus 97, so port 97-1.3 does not exist here"):
         UsbBoot("97-1.3", payload, MODELS["cm4"], settle=0.01, timeouts={"rom": 0.3}).run()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "1e999"])
+def test_command_line_seconds_are_finite(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        hil_main(["usbboot", "--port", "1-1", "--settle", value])
+    assert e.value.code == 2 and "invalid seconds value" in capsys.readouterr().err
