@@ -1,11 +1,14 @@
 """Property-based fuzzing (Hypothesis) of the two inputs a harsh user hands the framework: rig files and images.
 Whatever they hold, the entry points the CLI uses answer with exit 0 or 2 (an InputError), never a traceback; an
-image is accepted only when its own partition table says it fits, so nothing else is ever written. Derandomized
-and without an example database, so CI tries the same 1,000 + 1,000 cases every run."""
+image is accepted only when its own partition table says it fits, and ``hil flash`` of a refused one leaves a real
+(virtual) module's eMMC untouched. Derandomized and without an example database, so CI tries the same cases every
+run: 1,000 rig files (and 300 arbitrary texts), 1,000 image headers through open_image and 1,000 through
+``hil flash``."""
 
 from __future__ import annotations
 
 import math
+import os
 import struct
 import tempfile
 import zlib
@@ -101,7 +104,7 @@ def _all_finite(value: Any) -> None:
             _all_finite(v)
 
 
-@FUZZ
+@settings(FUZZ, max_examples=300)
 @given(text=st.text(max_size=400))
 def test_rig_check_survives_arbitrary_text(folder: Path, text: str, capsys: pytest.CaptureFixture[str]) -> None:
     path = folder / "text.toml"
@@ -191,3 +194,34 @@ def test_open_image_accepts_only_tables_that_fit(folder: Path, case: tuple[int, 
         header[16:20] = bytes(4)
         assert head[SECTOR:SECTOR + 8] == b"EFI PART" and zlib.crc32(header) == struct.unpack_from("<I", head,
                                                                                                    SECTOR + 16)[0]
+
+
+@pytest.fixture(scope="module")
+def module(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A virtual CM4 held in mass-storage mode (only needed by the command-line fuzzer)."""
+    from tests.faults.conftest import mass_storage
+
+    yield from mass_storage(tmp_path_factory.mktemp("fuzz"), "fault-fuzz", "23-1.3", (9, 10))
+
+
+@pytest.mark.usefixtures("virtual_usb")
+@FUZZ
+@given(case=image_heads())
+def test_hil_flash_writes_no_byte_of_a_refused_image(module: Any, folder: Path, case: tuple[int, bytes],
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The whole command, against a real (virtual) module's disk: exit 2 leaves the eMMC file untouched."""
+    size, head = case
+    path = folder / "cli.img"
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.write(head[:size])
+    before = os.stat(module.emmc).st_mtime_ns
+    code = hil_main(["flash", str(path), "--rig", str(module.rig.path), "--no-usbboot", "--no-cache",
+                     "--no-verify"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "/proc/" not in err
+    event(f"exit {code}")
+    if code == 2:
+        assert os.stat(module.emmc).st_mtime_ns == before, err
+    else:
+        assert _mbr_fits(head, size), err
