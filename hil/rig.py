@@ -354,6 +354,7 @@ def _parse(file: Path, raw: dict[str, Any], check_devices: bool) -> Rig:
 
     emmc = top.table("emmc", required=True)
     assert emmc is not None
+    emmc.check_keys(("size",))
     emmc_size = emmc.size("size", required=True)
     assert emmc_size is not None
     emmc.done()
@@ -377,6 +378,7 @@ def _parse(file: Path, raw: dict[str, Any], check_devices: bool) -> Rig:
                      power.backend == "relay")
     usb = top.table("usb", required=True)
     assert usb is not None
+    usb.check_keys(("port", "ports", "payload"))
     ports = _ports(usb)
     for port in virtual.controllers if virtual else ():
         if port not in ports:
@@ -453,6 +455,7 @@ def _regex_check(t: _Table, key: str, value: str) -> None:
 def _power(t: _Table | None, virtual: bool) -> Power:
     if t is None:
         return Power()
+    t.check_keys(("backend", "hub", "port", "program", "on", "off", "status"))
     backend = t.get("backend", str, "relay")
     if backend not in POWER_BACKENDS:
         raise t.fail("backend", f"unknown power backend {backend!r}", f"use one of {', '.join(POWER_BACKENDS)}")
@@ -491,6 +494,8 @@ def _argv(t: _Table, name: str, *, required: bool) -> tuple[str, ...]:
 
 
 def _relays(t: _Table, virtual: bool, power_relay: bool = True) -> Relays:
+    t.check_keys(("pin_factory", "off_time", "nwp_protect_at_rest", "power", "nrpi_boot", "eeprom_nwp"),
+                 "key or table")
     factory = t.get("pin_factory", str, "mock" if virtual else "lgpio")
     if factory not in PIN_FACTORIES:
         raise t.fail("pin_factory", f"unknown pin factory {factory!r}", f"use one of {', '.join(PIN_FACTORIES)}")
@@ -599,6 +604,7 @@ def _usb_select(t: _Table, ports: tuple[str, ...]) -> dict[str, tuple[str, ...]]
 
 
 def _console(t: _Table, rig_name: str, virtual: bool, check_devices: bool) -> Console:
+    t.check_keys(("baud", "device"))
     baud = t.get("baud", int, 115200)
     if not 0 < baud <= 16_000_000:
         raise t.fail("baud", f"{baud} is not a baud rate", "use the console's rate, usually 115200")

@@ -100,3 +100,11 @@ def test_command_line_seconds_are_finite(value: str, capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit) as e:
         hil_main(["usbboot", "--port", "1-1", "--settle", value])
     assert e.value.code == 2 and "invalid seconds value" in capsys.readouterr().err
+
+
+def test_a_misspelt_required_key_is_named_not_reported_missing(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    path = _rig(tmp_path)
+    path.write_text(path.read_text().replace('port = "3-1.2"', 'prot = "3-1.2"'))
+    err = _check(path, capsys)
+    assert "usb.prot: is not a known key" in err and "did you mean 'port'" in err
