@@ -365,6 +365,11 @@ def _parse(file: Path, raw: dict[str, Any], check_devices: bool) -> Rig:
     if virtual is not None and (emmc_size < 64 * 1024**2 or emmc_size % (1024 * 1024)):
         raise emmc.fail("size", f"{emmc_size} bytes is not usable for a virtual eMMC",
                         "use a whole number of MiB, at least 64MiB")
+    for i, fault in enumerate(virtual.emmc.io_errors if virtual else ()):
+        if fault.offset + fault.length > emmc_size:
+            raise RigFileError(file, f"virtual.emmc.io_errors[{i}]", f"bytes {fault.offset}-"
+                               f"{fault.offset + fault.length} lie beyond the {emmc_size}-byte eMMC",
+                               "give an offset and length inside [emmc] size")
     if virtual is not None and virtual.boot_engine == "qemu":
         if model.chip != "bcm2837":
             raise RigFileError(file, "virtual.boot_engine", f"QEMU boots only a cm3 or cm3+ (its raspi3b machine is "
@@ -623,6 +628,17 @@ def _console(t: _Table, rig_name: str, virtual: bool, check_devices: bool) -> Co
     return Console(device, baud)
 
 
+_SYSTEM_FOLDERS = (Path("/dev"), Path("/proc"), Path("/sys"), Path("/boot"), Path("/etc"), Path("/usr"))
+
+
+def _check_state_dir(t: _Table, state_dir: Path) -> None:
+    """The virtual eMMC and EEPROM files go there: never the root or a system folder (``/dev`` was accepted)."""
+    real = Path(os.path.realpath(state_dir))
+    if real == Path("/") or any(real == f or f in real.parents for f in _SYSTEM_FOLDERS):
+        raise t.fail("state_dir", f"{state_dir} is a system folder", "use a folder of your own, e.g. "
+                     "~/.cache/cm-hil/virtual/RIG, or remove state_dir")
+
+
 def _virtual(t: _Table, rig_name: str) -> Virtual:
     t.check_keys(("speedup", "boot_engine", "state_dir", "emmc", "usb", "console"), "key or table of [virtual]")
     speedup = t.number("speedup", 1.0, low=0.0, low_open=True, high=1000.0)
@@ -633,6 +649,7 @@ def _virtual(t: _Table, rig_name: str) -> Virtual:
     state = t.get("state_dir", str)
     state_dir = Path(state).expanduser() if state else Path(
         os.environ.get("HIL_STATE_DIR") or Path.home() / ".cache" / "cm-hil" / "virtual") / rig_name
+    _check_state_dir(t, state_dir)
     e = t.table("emmc")
     write_bps = read_bps = 35e6
     errors: list[EmmcFault] = []

@@ -43,7 +43,10 @@ def validate(rig: Rig) -> None:
 
     assert rig.virtual is not None
     _controllers(rig)
-    parse_switches(rig.virtual.usb, rig.model, rig.path)
+    switches = parse_switches(rig.virtual.usb, rig.model, rig.path)
+    if switches.duplicate_disk in rig.usb_ports:
+        raise RigFileError(rig.path, "virtual.usb.duplicate_disk", f"{switches.duplicate_disk} is the rig's own port",
+                           "name another port for the twin disk, e.g. one the rig does not list")
     ConsoleFaults.from_rig(rig)
 
 
@@ -65,7 +68,7 @@ class VirtualRig:
         if rig.virtual is None:
             raise InputError(f"{rig.path} describes real hardware (it has no [virtual] section); "
                              "use one of rigs/virtual-*.toml", stage="virtual")
-        _controllers(rig)
+        validate(rig)
         self.rig = rig
         self.port = rig.usb_port  # where the module's USB cable is plugged in
         self.want_usb = umockdev_active() if usb is None else usb

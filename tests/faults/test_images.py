@@ -71,6 +71,9 @@ def test_a_fifo_is_refused_at_once(module: MassStorage, tmp_path: Path, capsys: 
     os.mkfifo(fifo)
     assert "is a FIFO" in _untouched(module, capsys, fifo)
     assert "is a character device" in _untouched(module, capsys, Path("/dev/zero"))
+    link = tmp_path / "disk.img"
+    link.symlink_to(module.block_device)  # was reported as "empty"
+    assert "is a block device" in _untouched(module, capsys, link)
 
 
 def _bmap_copy(image: BuiltImage, folder: Path) -> tuple[Path, Path]:

@@ -89,6 +89,9 @@ def test_the_file_server_stays_inside_the_payload_folder(tmp_path: Path) -> None
 def test_a_port_this_host_does_not_have_is_named(tmp_path: Path) -> None:
     from hil.usbboot.host import UsbBoot
     from hil.virtual.usb.payloads import make_payload
+    from hil.virtual.usb.umockdev_bus import UsbBus
+
+    UsbBus.get()  # the process's one test bed, before libusb and the uevent monitor bind to one
 
     payload = make_payload(tmp_path / "payload", "mass-storage-gadget64", ("cm4",), boot_img_size=1024**2)
     with pytest.raises(InfrastructureError, match="no USB bus 97, so port 97-1.3 does not exist here"):
@@ -108,3 +111,13 @@ def test_a_misspelt_required_key_is_named_not_reported_missing(tmp_path: Path,
     path.write_text(path.read_text().replace('port = "3-1.2"', 'prot = "3-1.2"'))
     err = _check(path, capsys)
     assert "usb.prot: is not a known key" in err and "did you mean 'port'" in err
+
+
+@pytest.mark.parametrize(("extra", "key"), [
+    ("[virtual]\nstate_dir = '/dev'\n", "virtual.state_dir"),
+    ("[virtual.emmc]\nio_errors = [{offset = '63MiB', length = '2MiB'}]\n", "virtual.emmc.io_errors[0]"),
+    ("[virtual.usb]\nduplicate_disk = '3-1.2'\n", "virtual.usb.duplicate_disk"),
+])
+def test_settings_that_point_outside_the_rig_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         extra: str, key: str) -> None:
+    assert f"{key}:" in _check(_rig(tmp_path, extra), capsys)
