@@ -231,7 +231,7 @@ def runtime_dir() -> Path:
 #: The largest number of seconds (timeouts, waits) or MB/s a rig file may give: a day. Anything larger is
 #: a typo, and ``inf`` would wait forever.
 MAX_SECONDS = 86400.0
-TOP_KEYS = ("name", "model", "emmc", "power", "relays", "usb", "console", "timeouts", "boot", "virtual")
+TOP_KEYS = ("name", "model", "emmc", "power", "relays", "usb", "console", "timeouts", "boot", "virtual", "customise")
 
 
 def _finite(t: _Table, name: str, value: Any) -> None:
