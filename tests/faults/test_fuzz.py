@@ -48,6 +48,8 @@ _KEYS = {
 _scalars = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True), st.integers(min_value=-2**63, max_value=2**63 - 1),
     st.booleans(), st.text(max_size=12), st.sampled_from(["1-1.3", "64MiB", "8GB", "mock", "relay", "(", "xhci-x"]))
+#: The numbers a harsh user tries first: TOML allows nan and inf, and the edges of every range.
+_special = st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -1.0, 1e300, 0.5, 5, -5, 2**40])
 _values = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                          st.dictionaries(st.text(max_size=6), inner, max_size=3)),
                        max_leaves=6)
@@ -61,7 +63,7 @@ def rig_documents(draw: st.DrawFn) -> dict[str, Any]:
     for _ in range(draw(st.integers(1, 4))):
         table = draw(st.sampled_from(sorted(_KEYS)))
         key = draw(st.one_of(st.sampled_from(_KEYS[table]), st.text(min_size=1, max_size=8)))
-        patch: dict[str, Any] = {key: draw(_values)}
+        patch: dict[str, Any] = {key: draw(st.one_of(_special, _values))}
         for part in reversed(table.split(".") if table else []):
             patch = {part: patch}
         base = merged(base, patch)
