@@ -13,7 +13,7 @@ import os
 import re
 import shlex
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,7 +231,6 @@ def runtime_dir() -> Path:
 #: The largest number of seconds (timeouts, waits) or MB/s a rig file may give: a day. Anything larger is
 #: a typo, and ``inf`` would wait forever.
 MAX_SECONDS = 86400.0
-TOP_KEYS = ("name", "model", "emmc", "power", "relays", "usb", "console", "timeouts", "boot", "virtual", "customise")
 
 
 def _finite(t: _Table, name: str, value: Any) -> None:
@@ -264,7 +263,7 @@ class _Table:
         self.seen.add(name)
         if name not in self.data:
             if required:
-                raise self.fail(name, "is missing", fix or f"add {name} = ... to [{self.where or 'top level'}]")
+                raise self.missing(name, fix or f"add {name} = ... to [{self.where or 'top level'}]")
             return default
         value = self.data[name]
         kinds = kind if isinstance(kind, tuple) else (kind,)
@@ -285,20 +284,19 @@ class _Table:
                             f"use a number from {low:g} to {high:g}")
         return value
 
-    def check_keys(self, known: Sequence[str], what: str = "key") -> None:
-        """Refuse a key not in ``known`` up front, with a "did you mean": a misspelt table is named as
-        misspelt, not reported as the right table missing."""
-        for name in self.data:
-            if name not in known:
-                near = difflib.get_close_matches(str(name), list(known), n=1)
-                raise self.fail(str(name), f"is not a known {what}", f"did you mean {near[0]!r}?" if near
-                                else f"use one of {', '.join(known)}")
+    def missing(self, name: str, fix: str) -> RigFileError:
+        """A required key or table is absent: if a key nobody read is a near miss of it, name that one (a
+        misspelt ``[consle]`` is a typo to fix, not a missing ``[console]``)."""
+        for key in self.data:
+            if key not in self.seen and difflib.get_close_matches(str(key), [name], n=1):
+                return self.fail(str(key), "is not a known key", f"did you mean {name!r}?")
+        return self.fail(name, "is missing", fix)
 
     def table(self, name: str, *, required: bool = False) -> _Table | None:
         self.seen.add(name)
         if name not in self.data:
             if required:
-                raise self.fail(name, "is missing", f"add a [{self.key(name)}] table")
+                raise self.missing(name, f"add a [{self.key(name)}] table")
             return None
         return _Table(self.file, self.key(name), self.data[name])
 
@@ -338,7 +336,6 @@ def load_rig(path: str | os.PathLike[str], *, check_devices: bool = True) -> Rig
 
 def _parse(file: Path, raw: dict[str, Any], check_devices: bool) -> Rig:
     top = _Table(file, "", raw)
-    top.check_keys(TOP_KEYS, "table or key")
     name = top.get("name", str, file.stem)
     if not _RIG_NAME.match(name):
         raise top.fail("name", f"{name!r} is not a usable rig name", "use letters, digits, '-', '_' or '.'")
@@ -354,7 +351,6 @@ def _parse(file: Path, raw: dict[str, Any], check_devices: bool) -> Rig:
 
     emmc = top.table("emmc", required=True)
     assert emmc is not None
-    emmc.check_keys(("size",))
     emmc_size = emmc.size("size", required=True)
     assert emmc_size is not None
     emmc.done()
@@ -383,7 +379,6 @@ def _parse(file: Path, raw: dict[str, Any], check_devices: bool) -> Rig:
                      power.backend == "relay")
     usb = top.table("usb", required=True)
     assert usb is not None
-    usb.check_keys(("port", "ports", "payload"))
     ports = _ports(usb)
     for port in virtual.controllers if virtual else ():
         if port not in ports:
@@ -460,7 +455,6 @@ def _regex_check(t: _Table, key: str, value: str) -> None:
 def _power(t: _Table | None, virtual: bool) -> Power:
     if t is None:
         return Power()
-    t.check_keys(("backend", "hub", "port", "program", "on", "off", "status"))
     backend = t.get("backend", str, "relay")
     if backend not in POWER_BACKENDS:
         raise t.fail("backend", f"unknown power backend {backend!r}", f"use one of {', '.join(POWER_BACKENDS)}")
@@ -499,8 +493,6 @@ def _argv(t: _Table, name: str, *, required: bool) -> tuple[str, ...]:
 
 
 def _relays(t: _Table, virtual: bool, power_relay: bool = True) -> Relays:
-    t.check_keys(("pin_factory", "off_time", "nwp_protect_at_rest", "power", "nrpi_boot", "eeprom_nwp"),
-                 "key or table")
     factory = t.get("pin_factory", str, "mock" if virtual else "lgpio")
     if factory not in PIN_FACTORIES:
         raise t.fail("pin_factory", f"unknown pin factory {factory!r}", f"use one of {', '.join(PIN_FACTORIES)}")
@@ -531,7 +523,7 @@ def _relays(t: _Table, virtual: bool, power_relay: bool = True) -> Relays:
         raise t.fail("power", "is set, but [power] switches the module's supply another way",
                      "remove [relays.power] or set [power] backend = \"relay\"")
     if lines["power"] is None and power_relay:
-        raise t.fail("power", "is missing", "add [relays.power] with the GPIO that switches the module's power")
+        raise t.missing("power", "add [relays.power] with the GPIO that switches the module's power")
     off_time = t.positive("off_time", 0.5 if virtual else 2.0)
     protect = t.get("nwp_protect_at_rest", bool, False)
     if protect and lines["eeprom_nwp"] is None:
@@ -568,7 +560,7 @@ def _ports(t: _Table) -> tuple[str, ...]:
     port = t.get("port", str)
     ports = t.get("ports", list)
     if port is None and not ports:
-        raise t.fail("port", "is missing", 'add port = "BUS-PORT[.PORT...]" (the module\'s USB slave port, e.g. 1-1.3)')
+        raise t.missing("port", 'add port = "BUS-PORT[.PORT...]" (the module\'s USB slave port, e.g. 1-1.3)')
     if port is not None and ports:
         raise t.fail("ports", "port and ports are both set", "list every port in ports, or use port alone")
     all_ports = [port] if port is not None else list(ports)
@@ -609,7 +601,6 @@ def _usb_select(t: _Table, ports: tuple[str, ...]) -> dict[str, tuple[str, ...]]
 
 
 def _console(t: _Table, rig_name: str, virtual: bool, check_devices: bool) -> Console:
-    t.check_keys(("baud", "device"))
     baud = t.get("baud", int, 115200)
     if not 0 < baud <= 16_000_000:
         raise t.fail("baud", f"{baud} is not a baud rate", "use the console's rate, usually 115200")
@@ -621,7 +612,7 @@ def _console(t: _Table, rig_name: str, virtual: bool, check_devices: bool) -> Co
                          "remove device; the virtual console appears under the runtime directory")
         return Console(str(runtime_dir() / rig_name / "console"), baud, virtual=True)
     if device is None:
-        raise t.fail("device", "is missing", 'add device = "/dev/serial/by-id/..." or a pyserial URL')
+        raise t.missing("device", 'add device = "/dev/serial/by-id/..." or a pyserial URL')
     if check_devices and "://" not in device and not Path(device).exists():
         raise t.fail("device", f"{device} does not exist",
                      "plug in the USB-serial adapter or use its /dev/serial/by-id/ path")
@@ -640,7 +631,6 @@ def _check_state_dir(t: _Table, state_dir: Path) -> None:
 
 
 def _virtual(t: _Table, rig_name: str) -> Virtual:
-    t.check_keys(("speedup", "boot_engine", "state_dir", "emmc", "usb", "console"), "key or table of [virtual]")
     speedup = t.number("speedup", 1.0, low=0.0, low_open=True, high=1000.0)
     boot_engine = t.get("boot_engine", str, "model")
     if boot_engine not in ("model", "qemu"):
