@@ -22,6 +22,7 @@ import stat
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -132,6 +133,7 @@ class BlockDevice:
     backing: int | None = None  # a loop device's backing block device (None: a file, or not a loop)
     backing_file: str | None = None
     offset: int = 0
+    autoclear: bool = False  # detached once its last user closes it (``mount -o loop``, or a lazy losetup -d)
 
 
 # Run outside umockdev: it redirects /sys, and a loop device or holder is the host's business.
@@ -156,6 +158,7 @@ for d in sorted(glob.glob("/sys/class/block/*")):
     if back:
         item["backing_file"] = back
         item["offset"] = int(rd("loop/offset") or 0)
+        item["autoclear"] = rd("loop/autoclear") == "1"
         try:
             st = os.stat(back)
             if stat.S_ISBLK(st.st_mode):
@@ -181,7 +184,7 @@ def host_block_devices() -> list[BlockDevice]:
         backing = item.get("backing")
         out.append(BlockDevice(item["name"], _devnum(item["dev"]), item.get("parent"), tuple(item["holders"]),
                                os.makedev(*backing) if backing else None, item.get("backing_file"),
-                               item.get("offset", 0)))
+                               item.get("offset", 0), item.get("autoclear", False)))
     return out
 
 
@@ -291,14 +294,27 @@ DISK_CHECKS: list[Check] = [check_port, check_transport, check_identity, check_t
 IN_USE_CHECKS: list[Check] = [check_system_disk, check_mounted, check_loop_backed, check_holders]
 
 
+def _after_unmount(view: HostView, wait: float = 2.0) -> HostView:
+    """The host once the automounts are gone: a loop device that carried one is detached by the kernel only when
+    its last user (a udev probe, say) closes it, so give such unmounted, auto-clearing loops a moment to go."""
+    deadline = time.monotonic() + wait
+    while True:
+        view = HostView.collect(view.rdev)
+        ours = {b.number for b in view.ours()}
+        going = [b for b in view.block if b.backing in ours and b.autoclear and b.number not in view.mounted]
+        if not going or time.monotonic() >= deadline:
+            return view
+        time.sleep(0.1)
+
+
 def guard_disk(disk: Disk, rig: Rig) -> GuardedDisk:
     """Run every check and open the disk; raises :class:`GuardRefusal` naming the failed check."""
     for check in DISK_CHECKS:
         check(disk, rig, HostView(0))
     view = HostView.collect(_device_number(disk))
     check_system_disk(disk, rig, view)  # before anything is unmounted
-    undo_automounts(view.rdev)  # a desktop's automount of our own disk, through udisks; never another disk's
-    view.mounted = _mounted()
+    if undo_automounts(view.rdev):  # a desktop's automount of our own disk, through udisks; never another disk's
+        view = _after_unmount(view)
     for check in IN_USE_CHECKS:
         check(disk, rig, view)
     try:
