@@ -203,7 +203,7 @@ def module(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A virtual CM4 held in mass-storage mode (only needed by the command-line fuzzer)."""
     from tests.faults.conftest import mass_storage
 
-    yield from mass_storage(tmp_path_factory.mktemp("fuzz"), "fault-fuzz", "23-1.3", (9, 10))
+    yield from mass_storage(tmp_path_factory.mktemp("fuzz"), "fault-fuzz", "43-1.3", (4, 26))
 
 
 @pytest.mark.usefixtures("virtual_usb")

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("virtual_usb")]
 
 @pytest.fixture(scope="module")
 def module(tmp_path_factory: pytest.TempPathFactory, small_image: BuiltImage) -> Iterator[MassStorage]:
-    for ms in mass_storage(tmp_path_factory.mktemp("guard"), "fault-guard", "20-1.3", (23, 24)):
+    for ms in mass_storage(tmp_path_factory.mktemp("guard"), "fault-guard", "40-1.3", (2, 3)):
         assert hil_main(["flash", str(small_image.path), "--rig", str(ms.rig.path), "--no-usbboot"]) == 0
         yield ms
 

@@ -30,7 +30,7 @@ def test_ctrl_c_late_in_a_flash_leaves_a_module_that_does_not_boot(tmp_path: Pat
             interrupted_at.append(position)
             os.kill(os.getpid(), signal.SIGINT)
 
-    for ms in mass_storage(tmp_path, "fault-cut", "22-1.3", (7, 8)):
+    for ms in mass_storage(tmp_path, "fault-cut", "42-1.3", (18, 23)):
         disk = wait_for_disk(ms.rig.usb_port, 5)
         with guard_disk(disk, ms.rig) as guarded, pytest.raises(KeyboardInterrupt):
             write_image(image, guarded.fd, disk.node, disk.size, progress=ctrl_c)
