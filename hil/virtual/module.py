@@ -131,6 +131,7 @@ class VirtualModule:
         """Follow the rig's relay lines on ``factory``, starting from their present levels."""
         for line in self.rig.relays.lines():
             factory.set_pull(line.gpio, line.active_high == self._rests_on(line))
+            self._unwatch.append(functools.partial(factory.clear_pull, line.gpio))
             self._unwatch.append(factory.watch(line.gpio, functools.partial(self._line_changed, line)))
             self._line_changed(line, factory.level(line.gpio))
 

@@ -87,6 +87,13 @@ class RelayBoardFactory(MockFactory):
     def set_pull(self, gpio: int, level: bool) -> None:
         """The relay board pulls ``gpio`` to ``level`` whenever nothing drives it."""
         self.pulls[gpio] = level
+        self._settle(gpio)
+
+    def clear_pull(self, gpio: int) -> None:
+        """The board that pulled ``gpio`` is gone (its virtual rig closed): the GPIO floats again."""
+        self.pulls.pop(gpio, None)
+
+    def _settle(self, gpio: int) -> None:
         for info, pin in self.pins.items():
             if info.name == f"GPIO{gpio}" and isinstance(pin, ObservedPin):
                 pin._rest()
