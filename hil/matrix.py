@@ -28,7 +28,7 @@ from hil.control.lifecycle import Lifecycle
 from hil.control.portevidence import PortEvidence
 from hil.errors import Fault, HilError, InputError
 from hil.report.environment import HOST_INCOMPATIBILITY_PHRASE
-from hil.usbboot.host import DEFAULT_SETTLE, UsbBootResult
+from hil.usbboot.host import UsbBootResult
 from hil.usbboot.trace import Listener
 
 #: Boot stages timed in the matrix (the settle pauses are fixed sleeps, not measurements).
@@ -104,15 +104,12 @@ def boot_once(lifecycle: Lifecycle, payload: str | Path | None, attempt: int = 1
     port = rig.usb_port
     controller = controller or identify(port)
     recorder = SpeedRecorder(port, listener)
-    options: dict[str, Any] = {"listener": recorder}
-    if rig.virtual is not None:  # the module's readiness is modelled in device time
-        options["settle"] = DEFAULT_SETTLE / rig.virtual.speedup
     lifecycle.off()
     failure: HilError | None = None
     try:
         with capture(port) as evidence:
             try:
-                result = lifecycle.mass_storage(payload, **options)
+                result = lifecycle.mass_storage(payload, listener=recorder)
             except HilError as e:
                 failure = e
     finally:

@@ -211,6 +211,12 @@ class Rig:
     def is_virtual(self) -> bool:
         return self.virtual is not None
 
+    @property
+    def time_scale(self) -> float:
+        """Host seconds per second of the module's own time: 1 on hardware, 1/speed-up on a virtual rig whose
+        module runs faster than real time (waits for its readiness shrink with it)."""
+        return 1.0 / self.virtual.speedup if self.virtual is not None else 1.0
+
 
 def parse_stage_timeout(item: str) -> tuple[str, float] | None:
     """``STAGE=SECONDS`` from a command line, or None unless the stage is known and the seconds positive."""

@@ -202,13 +202,14 @@ class UsbBoot:
 
     @classmethod
     def for_rig(cls, rig: Rig, payload: str | Path | None = None, **options: Any) -> UsbBoot:
-        """The rig's module on the rig's port, with the rig's stage timeouts, ROM retries, signed boot and
-        (unless given) payload."""
+        """The rig's module on the rig's port, with the rig's stage timeouts, ROM retries, signed boot, time scale
+        and (unless given) payload."""
         folder = payload or rig.payload
         if folder is None:
             raise InputError(f"rig {rig.name} has no payload folder. Fix: add payload = \"DIR\" under [usb] "
                              f"in {rig.path} or pass --payload DIR", stage="usbboot.payload")
-        options = {"rom_retries": rig.usb_boot.rom_retries, "signed": rig.usb_boot.signed, **options}
+        options = {"rom_retries": rig.usb_boot.rom_retries, "signed": rig.usb_boot.signed,
+                   "settle": DEFAULT_SETTLE * rig.time_scale, **options}
         return cls(rig.usb_port, folder, rig.model, timeouts=rig.timeouts, **options)
 
     # -- the stage sequence -------------------------------------------------------------------------------
