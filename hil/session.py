@@ -68,26 +68,25 @@ class RigSession:
     """One rig, owned for a ``with`` block: lock, body, lifecycle. Use ``session.lifecycle`` to drive it.
 
     ``rerun``: this command's arguments, so that a body may re-run it where it must (the virtual rig under
-    umockdev-wrapper, for USB); None where the process cannot be replaced (pytest)."""
+    umockdev-wrapper, for USB); None where the process cannot be replaced (pytest). That re-run happens here,
+    when the session is made, so a command makes its session before it prints anything."""
 
     def __init__(self, rig: Rig | str | Path, *, rerun: Sequence[str] | None = None, log_dir: Path | None = None,
                  lock_wait: float = 0.0, handle_signals: bool = True, report_recovery: bool = True):
         self.rig = rig if isinstance(rig, Rig) else load_rig(rig)
-        self.rerun = rerun
         self.log_dir = log_dir
         self.lock_wait = lock_wait
         self.handle_signals = handle_signals
         self.report_recovery = report_recovery
         self.body: Any = None  # what the rig's body yielded (a virtual rig), or None for hardware
-        self._body_kind: RigBody | None = None
+        self._body_kind = find_body(self.rig)
+        if self._body_kind is not None:
+            self._body_kind.prepare(self.rig, rerun)  # may re-run this command: nothing is held yet
         self._lifecycle: Lifecycle | None = None
         self._stack = contextlib.ExitStack()
         self._work: Path | None = None
 
     def open(self) -> RigSession:
-        self._body_kind = find_body(self.rig)
-        if self._body_kind is not None:
-            self._body_kind.prepare(self.rig, self.rerun)  # may re-run this command: nothing is held yet
         lock = RigLock(self.rig)  # before the body: a second user must not touch its console or eMMC
         lock.acquire(self.lock_wait)
         try:

@@ -120,6 +120,7 @@ def _plan_text(image: Image) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     rig = load_rig(args.rig)
+    session = RigSession(rig, rerun=sys.argv[1:])  # a virtual rig: from here on under umockdev-wrapper
     config = _options(args.config)
     image, warnings = open_flash_image(args.image, rig, bmap=args.bmap, raw=args.raw)  # bad: exit 2, rig untouched
     for warning in warnings:
@@ -128,7 +129,7 @@ def _run(args: argparse.Namespace) -> int:
     size = human_size(image.size) if image.size is not None else "size known after decoding"
     print(f"image   {image.path} ({image.format}, {size}); {_plan_text(image)}", flush=True)
     printer = _Printer()
-    with RigSession(rig, rerun=sys.argv[1:]) as session:
+    with session:
         try:
             result = flash_emmc(session.lifecycle, image, payload=session.payload(args.payload),
                                 usbboot=not args.no_usbboot, dry_run=args.dry_run, verify=not args.no_verify,
