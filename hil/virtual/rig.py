@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 from hil.errors import InfrastructureError, InputError, RigFileError
 from hil.hostenv import umockdev_active
 from hil.rig import Rig
+from hil.usbport import UsbPort
 from hil.virtual.console import ConsoleFaults, VirtualConsole
 from hil.virtual.eeprom import VirtualEeprom
 from hil.virtual.emmc import VirtualEmmc
@@ -121,10 +122,11 @@ class VirtualRig:
     def controller(self, port: str) -> str:
         """The host controller and profile of ``port`` as the rig file gives it (default: lenient xHCI)."""
         assert self.rig.virtual is not None
-        return self.rig.virtual.controllers.get(port, DEFAULT_KIND)
+        return self.rig.virtual.controllers.get(UsbPort(port), DEFAULT_KIND)
 
     def cable(self, port: str) -> None:
         """Move the module's USB cable to ``port`` (one of the rig's ports) while the module is off."""
+        port = UsbPort(port)
         if port not in self.rig.usb_ports:
             raise InputError(f"rig {self.rig.name} has no USB port {port}; its ports are "
                              f"{', '.join(self.rig.usb_ports)} ([usb] ports in {self.rig.path})", stage="virtual")
