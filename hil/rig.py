@@ -380,7 +380,7 @@ def _parse(file: Path, raw: dict[str, Any], check_devices: bool) -> Rig:
             raise emmc.fail("size", f"{emmc_size} bytes is not a power of two, which QEMU needs for the SD card that "
                             "stands in for the eMMC", 'use a power of two, e.g. "512MiB" or "1GiB"')
 
-    power = _power(top.table("power"), virtual is not None)
+    power = _power(top.table("power"))
     relays = _relays(top.table("relays", required=True), virtual is not None,  # type: ignore[arg-type]
                      power.backend == "relay")
     usb = top.table("usb", required=True)
@@ -458,15 +458,12 @@ def _regex_check(t: _Table, key: str, value: str) -> None:
         raise t.fail(key, f"{value!r} is not a valid regular expression ({e})", "escape special characters") from None
 
 
-def _power(t: _Table | None, virtual: bool) -> Power:
+def _power(t: _Table | None) -> Power:
     if t is None:
         return Power()
     backend = t.get("backend", str, "relay")
     if backend not in POWER_BACKENDS:
         raise t.fail("backend", f"unknown power backend {backend!r}", f"use one of {', '.join(POWER_BACKENDS)}")
-    if virtual and backend != "relay":
-        raise t.fail("backend", "a virtual module is powered through its relay",
-                     'set backend = "relay" or remove [power]')
     power = Power(backend)
     if backend == "uhubctl":
         hub = t.get("hub", str, required=True, fix='add hub = "1-1" (the hub\'s location as uhubctl -l takes it)')

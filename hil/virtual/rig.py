@@ -26,6 +26,7 @@ from hil.virtual.emmc import VirtualEmmc
 from hil.virtual.journal import Journal
 from hil.virtual.module import State, VirtualModule
 from hil.virtual.relays import mock_factory
+from hil.virtual.supply import supply_for
 from hil.virtual.timing import DeviceClock
 from hil.virtual.usb import sysfs
 from hil.virtual.usb.hostprofiles import DEFAULT_KIND, controller_spec
@@ -102,6 +103,11 @@ class VirtualRig:
                 self.module.usb = self._usb_side()
             self.module.connect_relays(mock_factory())
             self._opened.append(self.module)
+            assert self.rig.virtual is not None
+            supply = supply_for(self.rig.power, self.rig.virtual.state_dir,
+                                lambda on: self.module.supply(on, self.rig.power.backend))
+            if supply is not None:  # powered through a (virtual) hub port or commands, not a relay
+                self._opened.append(supply.open())
             with VirtualRig._running_lock:
                 VirtualRig._running[self.rig.name] = self
         except BaseException:
