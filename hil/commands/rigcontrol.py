@@ -40,9 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     console.set_defaults(func=_console)
 
     power = sub.add_parser("power", help="switch the module's power: on, off or cycle",
-                           description="'on' and 'cycle' boot from the eMMC (nRPI_BOOT released). A relay "
-                           "is held only while this command runs (Ctrl-C powers off); a hub port or command "
-                           "switch stays on until 'hil power off'.")
+                           description="'on' and 'cycle' boot from the eMMC (nRPI_BOOT released); 'cycle' returns "
+                           "once power is back. A relay is held only while this command runs ('on' waits, Ctrl-C "
+                           "powers off); a hub port or command switch stays on until 'hil power off'.")
     power.add_argument("action", choices=("on", "off", "cycle"))
     power.add_argument("--rig", required=True, help="rig file")
     power.set_defaults(func=_power)
@@ -72,6 +72,15 @@ def _power(args: argparse.Namespace) -> int:
             return 0
         if args.action == "cycle":
             lifecycle.off()
+            lifecycle.power_on()  # after the switch's off-time
+            if lifecycle.power.holds_after_exit:
+                lifecycle.leave_powered()
+                print(f"{lifecycle.rig.name}: power cycled (eMMC boot); it stays on until `hil power off`",
+                      file=sys.stderr)
+            else:
+                print(f"{lifecycle.rig.name}: power cycled (eMMC boot); {lifecycle.power.describe()} switches off "
+                      "again as this command ends (`hil power on` holds it on)", file=sys.stderr)
+            return 0
         lifecycle.power_on()
         if lifecycle.power.holds_after_exit:
             lifecycle.leave_powered()
