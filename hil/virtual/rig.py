@@ -103,9 +103,7 @@ class VirtualRig:
                 self.module.usb = self._usb_side()
             self.module.connect_relays(mock_factory())
             self._opened.append(self.module)
-            assert self.rig.virtual is not None
-            supply = supply_for(self.rig.power, self.rig.virtual.state_dir,
-                                lambda on: self.module.supply(on, self.rig.power.backend))
+            supply = supply_for(self.rig, lambda on: self.module.supply(on, self.rig.power.backend))
             if supply is not None:  # powered through a (virtual) hub port or commands, not a relay
                 self._opened.append(supply.open())
             with VirtualRig._running_lock:

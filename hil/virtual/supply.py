@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from hil.rig import Power
+from hil.rig import Rig
 
 ENV = "HIL_VIRTUAL_SUPPLY"
 PROGRAM = "hil-virtual-uhubctl"
@@ -138,11 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     return int(reply["code"])
 
 
-def supply_for(power: Power, folder: Path, switch: Callable[[bool], None]) -> SupplyServer | None:
-    """The supply server a rig's ``[power]`` needs: its uhubctl hub port, or any port for commands; None for
-    the relay (the module follows its mock pin)."""
-    if power.backend == "relay":
+def supply_for(rig: Rig, switch: Callable[[bool], None]) -> SupplyServer | None:
+    """The supply server a rig's ``[power]`` needs; None for the relay (the module follows its mock pin).
+
+    The virtual hub is the one the module's USB port hangs off (its bus's root hub for a root port), so a rig
+    file naming another hub location gets uhubctl's own refusal. Commands may name any hub and port."""
+    assert rig.virtual is not None
+    if rig.power.backend == "relay":
         return None
-    if power.backend == "uhubctl":
-        return SupplyServer(folder, power.hub, power.port, switch)
-    return SupplyServer(folder, None, None, switch)
+    if rig.power.backend == "uhubctl":
+        hub = rig.usb_port.hub
+        return SupplyServer(rig.virtual.state_dir, str(hub) if hub else str(rig.usb_port.bus), rig.power.port, switch)
+    return SupplyServer(rig.virtual.state_dir, None, None, switch)
