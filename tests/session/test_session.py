@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,10 +24,10 @@ from tests.rigfiles import virtual_rig_toml
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("umockdev-wrapper") is None,
                                 reason="the virtual rig's eMMC needs root and umockdev (run ./setup.sh)")
 
-PORT = "3-1.4"
-UHUBCTL = {"power": {"backend": "uhubctl", "hub": "3-1", "port": 2, "program": "hil-virtual-uhubctl"}}
-COMMAND = {"power": {"backend": "command", "on": ["hil-virtual-uhubctl", "-l", "3-1", "-p", "2", "-a", "on"],
-                     "off": "hil-virtual-uhubctl -l 3-1 -p 2 -a off"}}
+PORT = "24-1.4"  # a bus no other test file of this process uses
+UHUBCTL = {"power": {"backend": "uhubctl", "hub": "24-1", "port": 2, "program": "hil-virtual-uhubctl"}}
+COMMAND = {"power": {"backend": "command", "on": ["hil-virtual-uhubctl", "-l", "24-1", "-p", "2", "-a", "on"],
+                     "off": "hil-virtual-uhubctl -l 24-1 -p 2 -a off"}}
 
 
 def rig_file(tmp_path: Path, label: str, extra: dict[str, object] | None = None) -> Path:
@@ -98,10 +99,10 @@ def test_hil_flash_on_a_rig_powered_without_a_relay(tmp_path: Path, image: Built
 
 
 def test_a_wrong_hub_location_is_the_hubs_error(tmp_path: Path, image: BuiltImage) -> None:
-    wrong = {"power": {**UHUBCTL["power"], "hub": "3-2"}}
+    wrong = {"power": {**UHUBCTL["power"], "hub": "24-2"}}
     done = hil("flash", str(image.path), "--rig", str(rig_file(tmp_path, "wrong-hub", wrong)))
     assert done.returncode == 3, done.stderr
-    assert "No compatible devices detected at location 3-2" in done.stderr
+    assert "No compatible devices detected at location 24-2" in done.stderr
 
 
 def test_the_library_finds_the_virtual_body_through_its_entry_point(tmp_path: Path) -> None:
@@ -115,3 +116,18 @@ def test_the_library_finds_the_virtual_body_through_its_entry_point(tmp_path: Pa
     assert not payload.exists()  # the session's stand-ins go with it
     real = load_rig(Path(__file__).resolve().parents[2] / "rigs" / "example-cm4-io-board.toml", check_devices=False)
     assert find_body(real) is None
+
+
+def test_rig_status_names_the_holder_the_last_state_and_reads_free_lines(
+        held: tuple[Path, subprocess.Popen[str]]) -> None:
+    rig, holder = held
+    busy = hil("rig", "status", str(rig))
+    assert busy.returncode == 0, busy.stderr
+    assert re.search(rf"lock +held by pid {holder.pid} \(.*power on.*\) since \d{{4}}-", busy.stdout), busy.stdout
+    assert re.search(r"last state powered, power on; by pid \d+", busy.stdout), busy.stdout
+    assert "lines      not read: the holder drives them" in busy.stdout
+    holder.send_signal(signal.SIGINT)  # Ctrl-C: the holder powers off and lets go
+    assert holder.wait(timeout=30) == 0
+    free = hil("rig", "status", str(rig))
+    assert "lock       free" in free.stdout and "last state off, power off" in free.stdout, free.stdout
+    assert re.search(r"line +power +GPIO5 \(mock\): released", free.stdout), free.stdout
