@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip reading the written ranges back")
     p.add_argument("--payload", type=Path, help="usbboot payload folder (default: the rig's)")
     p.add_argument("--no-usbboot", action="store_true",
-                   help="the module is already in mass-storage mode: do not power-cycle or USB-boot it")
+                   help="the module is in mass-storage mode by means this rig does not switch (its own supply and "
+                   "boot jumper): do not USB-boot it. The rig session still leaves the rig's own switches safe")
     p.add_argument("--bmap", type=Path, help="a .bmap for the image (default: IMAGE.bmap if present)")
     p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                    help="set a config.txt option on the written image, e.g. enable_uart=1 (repeatable)")
