@@ -106,19 +106,21 @@ class RigSession:
         return self
 
     def close(self) -> None:
-        self._lifecycle = None
-        try:
-            self._stack.close()
-        finally:
-            if self._work is not None:
-                shutil.rmtree(self._work, ignore_errors=True)
-                self._work = None
+        self.__exit__(None, None, None)
 
     def __enter__(self) -> RigSession:
         return self.open()
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
+        """Lifecycle first (the rig left safe, while its body still exists), then the body, then the lock; an
+        error on the way is noted on the one that ended the block rather than hiding it."""
+        self._lifecycle = None
+        try:
+            self._stack.__exit__(t, e, tb)
+        finally:
+            if self._work is not None:
+                shutil.rmtree(self._work, ignore_errors=True)
+                self._work = None
 
     @property
     def lifecycle(self) -> Lifecycle:
