@@ -121,8 +121,8 @@ def _plan_text(image: Image) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     rig = load_rig(args.rig)
-    session = RigSession(rig, rerun=sys.argv[1:])  # a virtual rig: from here on under umockdev-wrapper
     config = _options(args.config)
+    session = RigSession(rig, rerun=sys.argv[1:])  # a virtual rig: from here on under umockdev-wrapper
     image, warnings = open_flash_image(args.image, rig, bmap=args.bmap, raw=args.raw)  # bad: exit 2, rig untouched
     for warning in warnings:
         print(f"hil: warning: {warning}", file=sys.stderr)
