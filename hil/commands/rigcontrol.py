@@ -87,9 +87,9 @@ def _power(args: argparse.Namespace) -> int:
             print(f"{lifecycle.rig.name}: powered on (eMMC boot); `hil power off` switches it off",
                   file=sys.stderr)
             return 0
-        print(f"{lifecycle.rig.name}: powered on (eMMC boot) while this command runs; Ctrl-C powers off",
-              file=sys.stderr)
-        with contextlib.suppress(KeyboardInterrupt):
+        with contextlib.suppress(KeyboardInterrupt):  # from the message on: Ctrl-C is the way to end it
+            print(f"{lifecycle.rig.name}: powered on (eMMC boot) while this command runs; Ctrl-C powers off",
+                  file=sys.stderr, flush=True)
             threading.Event().wait()
     return 0
 
