@@ -79,11 +79,12 @@ class RigSession:
         self.handle_signals = handle_signals
         self.report_recovery = report_recovery
         self.body: Any = None  # what the rig's body yielded (a virtual rig), or None for hardware
-        self._body_kind = find_body(self.rig)
-        if self._body_kind is not None and rerun is not None:
-            probe = RigLock(self.rig)  # a busy rig is refused at once, not after the re-run
+        if rerun is not None:  # a busy rig is refused at once, not after a body's imports and re-run
+            probe = RigLock(self.rig)
             probe.acquire(lock_wait)
             probe.release()
+        self._body_kind = find_body(self.rig)
+        if self._body_kind is not None and rerun is not None:
             self._body_kind.prepare(self.rig, rerun)  # may re-run this command: nothing is held yet
         self._lifecycle: Lifecycle | None = None
         self._stack = contextlib.ExitStack()

@@ -10,12 +10,14 @@ import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hil.errors import InfrastructureError
 from hil.hostenv import umockdev_active
 from hil.rig import Rig
-from hil.virtual.rig import VirtualRig
-from hil.virtual.usb.payloads import make_payload
+
+if TYPE_CHECKING:
+    from hil.virtual.rig import VirtualRig
 
 
 def ensure_umockdev(argv: Sequence[str]) -> None:
@@ -44,6 +46,8 @@ class VirtualBody:
     def bring_up(self, rig: Rig) -> Iterator[VirtualRig]:
         """The rig's virtual module for the session; one this process already runs (a test opened it) is
         used as it is and left running."""
+        from hil.virtual.rig import VirtualRig  # the simulated module's imports, only once a session opens
+
         try:
             running: VirtualRig | None = VirtualRig.running(rig.name)
         except InfrastructureError:
@@ -55,6 +59,8 @@ class VirtualBody:
             yield vrig
 
     def stand_in_payload(self, rig: Rig, folder: Path, purpose: str) -> Path | None:
+        from hil.virtual.usb.payloads import make_payload
+
         if purpose == "recovery":
             if not rig.model.has_eeprom:
                 return None
