@@ -8,7 +8,7 @@ import time
 
 from hil.control.lifecycle import RigLock, StateFile
 from hil.control.power import power_switch
-from hil.control.relays import read_line
+from hil.control.restcheck import read_rest
 from hil.errors import HilError
 from hil.rig import describe, load_rig
 
@@ -68,6 +68,6 @@ def _status(args: argparse.Namespace) -> int:
             reading = f"cannot be read now ({e.message})"
         print(f"power      {switch.describe()}: {reading}")
     for line in rig.relays.lines():
-        level = "energised" if read_line(line) else "released"
+        level = "energised" if read_rest(line) else "released"
         print(f"line       {line.role:<10} GPIO{line.gpio} ({line.pin_factory}): {level}")
     return 0

@@ -45,24 +45,6 @@ def pin_factory(name: str) -> Any:
     return _factories[name]
 
 
-def read_line(line: RelayLine) -> bool:
-    """Whether a line nobody drives reads energised now, looked at as an input (claiming it as an output would
-    switch it). A released line reads what the relay board's pulls make of it."""
-    from gpiozero import InputDevice
-
-    try:
-        device = InputDevice(line.gpio, pull_up=None, active_state=line.active_high,
-                             pin_factory=pin_factory(line.pin_factory))
-    except InfrastructureError:
-        raise
-    except Exception as e:
-        raise InfrastructureError(f"cannot read GPIO{line.gpio} ({line.role}): {e}", stage="relays") from e
-    try:
-        return bool(device.value)
-    finally:
-        device.close()
-
-
 class Relay:
     def __init__(self, line: RelayLine, initially_on: bool = False):
         from gpiozero import OutputDevice
