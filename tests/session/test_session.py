@@ -24,10 +24,10 @@ from tests.rigfiles import virtual_rig_toml
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("umockdev-wrapper") is None,
                                 reason="the virtual rig's eMMC needs root and umockdev (run ./setup.sh)")
 
-PORT = "24-1.4"  # a bus no other test file of this process uses
-UHUBCTL = {"power": {"backend": "uhubctl", "hub": "24-1", "port": 2, "program": "hil-virtual-uhubctl"}}
-COMMAND = {"power": {"backend": "command", "on": ["hil-virtual-uhubctl", "-l", "24-1", "-p", "2", "-a", "on"],
-                     "off": "hil-virtual-uhubctl -l 24-1 -p 2 -a off"}}
+PORT = "47-1.4"  # a bus no other test file of this process uses
+UHUBCTL = {"power": {"backend": "uhubctl", "hub": "47-1", "port": 2, "program": "hil-virtual-uhubctl"}}
+COMMAND = {"power": {"backend": "command", "on": ["hil-virtual-uhubctl", "-l", "47-1", "-p", "2", "-a", "on"],
+                     "off": "hil-virtual-uhubctl -l 47-1 -p 2 -a off"}}
 
 
 def rig_file(tmp_path: Path, label: str, extra: dict[str, object] | None = None) -> Path:
@@ -99,10 +99,10 @@ def test_hil_flash_on_a_rig_powered_without_a_relay(tmp_path: Path, image: Built
 
 
 def test_a_wrong_hub_location_is_the_hubs_error(tmp_path: Path, image: BuiltImage) -> None:
-    wrong = {"power": {**UHUBCTL["power"], "hub": "24-2"}}
+    wrong = {"power": {**UHUBCTL["power"], "hub": "47-2"}}
     done = hil("flash", str(image.path), "--rig", str(rig_file(tmp_path, "wrong-hub", wrong)))
     assert done.returncode == 3, done.stderr
-    assert "No compatible devices detected at location 24-2" in done.stderr
+    assert "No compatible devices detected at location 47-2" in done.stderr
 
 
 def test_the_library_finds_the_virtual_body_through_its_entry_point(tmp_path: Path) -> None:
