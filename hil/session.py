@@ -69,15 +69,19 @@ class RigSession:
 
     ``rerun``: this command's arguments, so that a body may re-run it where it must (the virtual rig under
     umockdev-wrapper, for USB); None where the process cannot be replaced (pytest). That re-run happens here,
-    when the session is made, so a command makes its session before it prints anything."""
+    when the session is made, so a command makes its session before it prints anything. ``switches=False``: the
+    rig's power and boot-mode switches are left as they are (no lifecycle; ``hil flash --no-usbboot`` on a module
+    that something else put in mass storage), the lock and the body still held."""
 
     def __init__(self, rig: Rig | str | Path, *, rerun: Sequence[str] | None = None, log_dir: Path | None = None,
-                 lock_wait: float = 0.0, handle_signals: bool = True, report_recovery: bool = True):
+                 lock_wait: float = 0.0, handle_signals: bool = True, report_recovery: bool = True,
+                 switches: bool = True):
         self.rig = rig if isinstance(rig, Rig) else load_rig(rig)
         self.log_dir = log_dir
         self.lock_wait = lock_wait
         self.handle_signals = handle_signals
         self.report_recovery = report_recovery
+        self.switches = switches
         self.body: Any = None  # what the rig's body yielded (a virtual rig), or None for hardware
         if rerun is not None:  # a busy rig is refused at once, not after a body's imports and re-run
             probe = RigLock(self.rig)
@@ -97,12 +101,13 @@ class RigSession:
             self._stack.callback(lock.release)
             if self._body_kind is not None:
                 self.body = self._stack.enter_context(self._body_kind.bring_up(self.rig))
-            self._lifecycle = self._stack.enter_context(
-                Lifecycle(self.rig, lock=lock, log_dir=self.log_dir, handle_signals=self.handle_signals))
+            if self.switches:
+                self._lifecycle = self._stack.enter_context(
+                    Lifecycle(self.rig, lock=lock, log_dir=self.log_dir, handle_signals=self.handle_signals))
         except BaseException:
             self.close()
             raise
-        if self._lifecycle.recovered and self.report_recovery:
+        if self._lifecycle is not None and self._lifecycle.recovered and self.report_recovery:
             print(f"hil: {self._lifecycle.recovered}", file=sys.stderr)
         return self
 
@@ -126,7 +131,8 @@ class RigSession:
     @property
     def lifecycle(self) -> Lifecycle:
         if self._lifecycle is None:
-            raise InfrastructureError("the rig session is not open; use it as a context manager", stage="session")
+            raise InfrastructureError("the rig session is not open (or leaves the rig's switches alone); use it as "
+                                      "a context manager", stage="session")
         return self._lifecycle
 
     def payload(self, given: Path | None = None, purpose: PayloadPurpose = "mass-storage",

@@ -34,8 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip reading the written ranges back")
     p.add_argument("--payload", type=Path, help="usbboot payload folder (default: the rig's)")
     p.add_argument("--no-usbboot", action="store_true",
-                   help="the module is in mass-storage mode by means this rig does not switch (its own supply and "
-                   "boot jumper): do not USB-boot it. The rig session still leaves the rig's own switches safe")
+                   help="the module is already in mass-storage mode: do not power-cycle or USB-boot it, and leave "
+                   "the rig's switches as they are (the rig is still locked)")
     p.add_argument("--bmap", type=Path, help="a .bmap for the image (default: IMAGE.bmap if present)")
     p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                    help="set a config.txt option on the written image, e.g. enable_uart=1 (repeatable)")
@@ -122,7 +122,8 @@ def _plan_text(image: Image) -> str:
 def _run(args: argparse.Namespace) -> int:
     rig = load_rig(args.rig)
     config = _options(args.config)
-    session = RigSession(rig, rerun=sys.argv[1:])  # a virtual rig: from here on under umockdev-wrapper
+    # a virtual rig: from here on under umockdev-wrapper; --no-usbboot leaves the rig's switches as they are
+    session = RigSession(rig, rerun=sys.argv[1:], switches=not args.no_usbboot)
     image, warnings = open_flash_image(args.image, rig, bmap=args.bmap, raw=args.raw)  # bad: exit 2, rig untouched
     for warning in warnings:
         print(f"hil: warning: {warning}", file=sys.stderr)
@@ -132,7 +133,8 @@ def _run(args: argparse.Namespace) -> int:
     printer = _Printer()
     with session:
         try:
-            result = flash_emmc(session.lifecycle, image, payload=session.payload(args.payload),
+            result = flash_emmc(None if args.no_usbboot else session.lifecycle, image, rig=rig,
+                                payload=session.payload(args.payload),
                                 usbboot=not args.no_usbboot, dry_run=args.dry_run, verify=not args.no_verify,
                                 cache=None if args.no_cache else ImageCache(), config=config, cmdline=args.cmdline,
                                 plan=plan, raw=args.raw, listener=printer)

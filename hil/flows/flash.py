@@ -27,7 +27,7 @@ from typing import Any
 from hil.control.lifecycle import Lifecycle
 from hil.disk.discovery import Disk, wait_for_disk
 from hil.disk.guard import GuardedDisk, check_still_same, guard_disk
-from hil.errors import Fault, HilError
+from hil.errors import Fault, HilError, InfrastructureError
 from hil.flash import bootfacts, customise
 from hil.flash.bootfacts import BootFacts, read_boot_facts
 from hil.flash.cache import ImageCache
@@ -140,18 +140,25 @@ def _mass_storage_once(lifecycle: Lifecycle, payload: str | Path | None, attempt
     return result, disk
 
 
-def flash_emmc(lifecycle: Lifecycle, image: Image, *, payload: str | Path | None = None, usbboot: bool = True,
-               attempts: int = 1, dry_run: bool = False, verify: bool = True, cache: ImageCache | None = None,
+def flash_emmc(lifecycle: Lifecycle | None, image: Image, *, rig: Rig | None = None,
+               payload: str | Path | None = None, usbboot: bool = True, attempts: int = 1, dry_run: bool = False,
+               verify: bool = True, cache: ImageCache | None = None,
                config: Mapping[str, str] | None = None, cmdline: Sequence[str] = (), plan: Plan | None = None,
                raw: bool = False, listener: FlashListener | None = None, **usbboot_options: Any) -> FlashResult:
     """Write ``image`` (from :func:`open_flash_image`) to the eMMC of the lifecycle's module and prove it.
 
-    ``usbboot=False``: the module is already in mass storage by other means; it is neither power-cycled
-    nor USB-booted and the lifecycle is not asked to change state. ``dry_run`` stops at the guarded disk.
+    ``lifecycle`` None (then ``rig`` names the rig) with ``usbboot=False``: the module is already in mass storage
+    by other means; it is neither power-cycled nor USB-booted, and no switch of the rig is touched. ``dry_run``
+    stops at the guarded disk.
     ``raw``: raw data on purpose (``hil flash --raw``): written and verified, no partitions checked or edited."""
     listener = listener or FlashListener()
-    rig = lifecycle.rig
+    if lifecycle is not None:
+        rig = lifecycle.rig
+    if rig is None or (usbboot and lifecycle is None):
+        raise InfrastructureError("flash_emmc needs the rig's lifecycle to USB-boot the module, or a rig and "
+                                  "usbboot=False", stage="flash")
     if usbboot:
+        assert lifecycle is not None
         booted, disk = mass_storage_disk(lifecycle, payload, attempts=attempts, listener=listener, **usbboot_options)
     else:
         booted = None
@@ -169,12 +176,13 @@ def flash_emmc(lifecycle: Lifecycle, image: Image, *, payload: str | Path | None
             if not raw:
                 _after_write(guarded, rig, result, config or {}, cmdline, plan, listener)
 
-    if usbboot:
+    if lifecycle is not None and usbboot:
         lifecycle.flash(write)
     else:
         write()
     if result.facts is not None:  # what a later boot, in this process or another, can expect to see
-        lifecycle.flashed_facts = result.facts
+        if lifecycle is not None:
+            lifecycle.flashed_facts = result.facts
         bootfacts.save(rig, result.facts)
     return result
 
