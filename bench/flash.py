@@ -4,7 +4,8 @@ Run as root under umockdev: ``umockdev-wrapper .venv/bin/python bench/flash.py [
 [--rates 35,0]``. It builds (once, kept in --work) a Raspberry-Pi-OS-Lite-shaped image: MBR, FAT32 boot
 at 4 MiB, ext4 root holding real binaries from this host's /usr up to about half the image, compressed
 with ``xz -T0 -6`` (threaded: independent blocks) and described by ``bmaptool create``. A virtual CM4
-is USB-booted to mass storage; then, per eMMC rate, one row per flow:
+is flashed through the flash flow (hil/flows/flash.py, in a rig session: USB boot to mass storage each time, not
+counted); then, per eMMC rate, one row per flow:
 
 - hil flash of the .xz without a .bmap, write + verify, against the physical limit (mapped bytes /
   write rate + mapped bytes / read rate) and against ``xz -dc | dd bs=4M oflag=direct conv=fsync``
@@ -26,20 +27,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from hil.control.relays import RelayBank
-from hil.disk.discovery import wait_for_disk
-from hil.disk.guard import GuardedDisk, guard_disk
+from hil.control.lifecycle import Lifecycle
 from hil.flash.cache import ImageCache
 from hil.flash.ranges import read_bmap
 from hil.flash.sources import Image, open_image
-from hil.flash.verify import verify_written
-from hil.flash.writer import write_image
+from hil.flows.flash import flash_emmc
 from hil.image import compress as packing
 from hil.image.build import ImageSpec, build_image
 from hil.image.tools import tool_env
 from hil.rig import load_rig
-from hil.usbboot.host import UsbBoot
-from hil.virtual.rig import VirtualRig
+from hil.session import RigSession
 from hil.virtual.usb.payloads import make_payload
 
 MiB = 1024**2
@@ -90,12 +87,12 @@ def timed(action: Callable[[], object]) -> float:
     return time.monotonic() - start
 
 
-def flash(image: Image, g: GuardedDisk, verify: bool, cache: ImageCache | None) -> tuple[float, int]:
-    """Seconds for one flash (and read-back), and the bytes it wrote."""
-    start = time.monotonic()
-    result = write_image(image, g.fd, g.disk.node, g.disk.size, cache=cache,
-                         then=(lambda r: verify_written(g.fd, g.disk.node, r.written)) if verify else None)
-    return time.monotonic() - start, result.bytes_written
+def flash(lifecycle: Lifecycle, image: Image, verify: bool, cache: ImageCache | None) -> tuple[float, int]:
+    """Seconds for one flash through the flash flow (write and read-back; USB boot not counted), and the bytes it
+    wrote."""
+    result = flash_emmc(lifecycle, image, verify=verify, cache=cache)
+    assert result.write is not None
+    return result.seconds, result.write.bytes_written
 
 
 def shell(cmd: str) -> None:
@@ -129,23 +126,19 @@ def main() -> int:
               f"({100 * mapped / image_size:.1f} %), .xz {xz.stat().st_size / MiB:.0f} MiB; virtual cm4 eMMC "
               f"{rig.emmc_size / MiB:.0f} MiB behind umockdev USB", flush=True)
         rows: list[tuple[str, ...]] = []
-        with VirtualRig(rig) as virtual, RelayBank(rig.relays) as relays:
-            assert relays.nrpi_boot is not None and relays.power is not None
-            relays.nrpi_boot.set(True)
-            relays.power.set(True)
-            UsbBoot.for_rig(rig, settle=0.05).run()
-            disk = wait_for_disk(rig.usb_port, 10)
+        with RigSession(rig) as session:
+            virtual = session.body  # the rig's virtual module (hil.virtual.rig.VirtualRig): its eMMC's rates
+            lifecycle = session.lifecycle
             loop = virtual.emmc.block_device
             cache = ImageCache(Path(tmp) / "cache")
-            image = open_image(bare / xz.name, disk.size)
+            image = open_image(bare / xz.name, rig.emmc_size)
             for rate in (float(r) for r in args.rates.split(",")):
                 virtual.emmc.set_rates(rate * 1e6, rate * 1e6)
                 label = f"{rate:g} MB/s" if rate else "unlimited"
-                with guard_disk(disk, rig) as g:
-                    shutil.rmtree(cache.root, ignore_errors=True)
-                    ours, written = flash(image, g, True, cache)
-                    alone, _ = flash(image, g, False, None)
-                    again, _ = flash(image, g, False, cache)
+                shutil.rmtree(cache.root, ignore_errors=True)
+                ours, written = flash(lifecycle, image, True, cache)
+                alone, _ = flash(lifecycle, image, False, None)
+                again, _ = flash(lifecycle, image, False, cache)
                 dd_cmp = timed(lambda: shell(f"xz -dc {xz} | dd of={loop} bs=4M oflag=direct conv=fsync iflag=fullblock"
                                              f" status=none && xz -dc {xz} | cmp -n {image_size} - {loop}"))
                 device = [timed(lambda: shell(f"dd if=/dev/zero of={loop} bs=4M count={PROBE // (4 * MiB)} "

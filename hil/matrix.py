@@ -28,8 +28,9 @@ from hil.control.lifecycle import Lifecycle
 from hil.control.portevidence import PortEvidence
 from hil.errors import Fault, HilError, InputError
 from hil.report.environment import HOST_INCOMPATIBILITY_PHRASE
-from hil.usbboot.host import DEFAULT_SETTLE, UsbBootResult
+from hil.usbboot.host import UsbBootResult
 from hil.usbboot.trace import Listener
+from hil.usbport import UsbPort
 
 #: Boot stages timed in the matrix (the settle pauses are fixed sleeps, not measurements).
 STAGES = ("rom", "rom_transfer", "second_stage", "file_server", "mass_storage")
@@ -104,15 +105,12 @@ def boot_once(lifecycle: Lifecycle, payload: str | Path | None, attempt: int = 1
     port = rig.usb_port
     controller = controller or identify(port)
     recorder = SpeedRecorder(port, listener)
-    options: dict[str, Any] = {"listener": recorder}
-    if rig.virtual is not None:  # the module's readiness is modelled in device time
-        options["settle"] = DEFAULT_SETTLE / rig.virtual.speedup
     lifecycle.off()
     failure: HilError | None = None
     try:
         with capture(port) as evidence:
             try:
-                result = lifecycle.mass_storage(payload, **options)
+                result = lifecycle.mass_storage(payload, listener=recorder)
             except HilError as e:
                 failure = e
     finally:
@@ -174,14 +172,15 @@ def run_matrix(lifecycle: Lifecycle, attempts: int, payload: str | Path | None, 
     rig = lifecycle.rig
     if attempts < 1:
         raise InputError(f"--attempts {attempts}: boot at least once per port", stage="matrix")
-    unknown = [p for p in ports if p not in rig.usb_ports]
+    wanted = [UsbPort(p) for p in ports]  # a command line's ports: parsed like the rig file's
+    unknown = [p for p in wanted if p not in rig.usb_ports]
     if unknown:
         raise InputError(f"rig {rig.name} has no USB port {', '.join(unknown)}; its ports are "
                          f"{', '.join(rig.usb_ports)} ([usb] ports in {rig.path})", stage="matrix")
     run = store.begin(rig.name, attempts)
     done: list[Attempt] = []
     try:
-        for port in ports or rig.usb_ports:
+        for port in wanted or rig.usb_ports:
             lifecycle.off()
             if cable is not None:
                 cable(port)

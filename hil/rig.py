@@ -22,9 +22,9 @@ from hil.errors import RigFileError
 from hil.models import MODELS, ModuleModel, emmc_size_plausible
 from hil.runtime import default_runtime_dir
 from hil.units import parse_size
+from hil.usbport import MAX_DEPTH, UsbPort
 
 PIN_FACTORIES = ("mock", "lgpio", "rpigpio", "pigpio", "native")
-_PORT_PATH = re.compile(r"^\d+-\d+(\.\d+){0,6}$")
 _RIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 #: Stage timeouts in seconds. Defaults follow usbboot-protocol.md section 8 and 9.10.
@@ -160,7 +160,7 @@ class Virtual:
     console: Mapping[str, Any]  # faults of the console side (unplug, garbage)
     #: USB port -> its host controller and profile ("xhci-lenient", "ehci-hypothesis-maxpacket"), checked by the
     #: virtual bus; ports not listed hang off a lenient xHCI controller
-    controllers: Mapping[str, str] = field(default_factory=dict)
+    controllers: Mapping[UsbPort, str] = field(default_factory=dict)
     #: what boots from the eMMC: "model" (the simulated boot chain) or "qemu" (a real kernel; cm3 and cm3+)
     boot_engine: str = "model"
     #: relay line -> energised at rest on the virtual board, where it differs from the rig's declared rest
@@ -188,7 +188,7 @@ class Rig:
     model: ModuleModel
     emmc_size: int
     relays: Relays
-    usb_ports: tuple[str, ...]
+    usb_ports: tuple[UsbPort, ...]  # parsed once, here; the first is where the module is cabled
     payload: Path | None
     console: Console
     timeouts: Mapping[str, float]
@@ -200,16 +200,22 @@ class Rig:
     customise: Customise = field(default_factory=lambda: Customise())
     usb_boot: UsbBootOptions = field(default_factory=UsbBootOptions)
     #: USB port -> the command that connects the module to it (a USB switch, uhubctl), for ``hil matrix``
-    usb_select: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    usb_select: Mapping[UsbPort, tuple[str, ...]] = field(default_factory=dict)
 
     @property
-    def usb_port(self) -> str:
+    def usb_port(self) -> UsbPort:
         """The module's USB slave port as ``bus-port.port...`` (the identity that survives re-enumeration)."""
         return self.usb_ports[0]
 
     @property
     def is_virtual(self) -> bool:
         return self.virtual is not None
+
+    @property
+    def time_scale(self) -> float:
+        """Host seconds per second of the module's own time: 1 on hardware, 1/speed-up on a virtual rig whose
+        module runs faster than real time (waits for its readiness shrink with it)."""
+        return 1.0 / self.virtual.speedup if self.virtual is not None else 1.0
 
 
 def parse_stage_timeout(item: str) -> tuple[str, float] | None:
@@ -374,7 +380,7 @@ def _parse(file: Path, raw: dict[str, Any], check_devices: bool) -> Rig:
             raise emmc.fail("size", f"{emmc_size} bytes is not a power of two, which QEMU needs for the SD card that "
                             "stands in for the eMMC", 'use a power of two, e.g. "512MiB" or "1GiB"')
 
-    power = _power(top.table("power"), virtual is not None)
+    power = _power(top.table("power"))
     relays = _relays(top.table("relays", required=True), virtual is not None,  # type: ignore[arg-type]
                      power.backend == "relay")
     usb = top.table("usb", required=True)
@@ -452,19 +458,16 @@ def _regex_check(t: _Table, key: str, value: str) -> None:
         raise t.fail(key, f"{value!r} is not a valid regular expression ({e})", "escape special characters") from None
 
 
-def _power(t: _Table | None, virtual: bool) -> Power:
+def _power(t: _Table | None) -> Power:
     if t is None:
         return Power()
     backend = t.get("backend", str, "relay")
     if backend not in POWER_BACKENDS:
         raise t.fail("backend", f"unknown power backend {backend!r}", f"use one of {', '.join(POWER_BACKENDS)}")
-    if virtual and backend != "relay":
-        raise t.fail("backend", "a virtual module is powered through its relay",
-                     'set backend = "relay" or remove [power]')
     power = Power(backend)
     if backend == "uhubctl":
         hub = t.get("hub", str, required=True, fix='add hub = "1-1" (the hub\'s location as uhubctl -l takes it)')
-        if not _PORT_PATH.match(hub) and not re.match(r"^\d+$", hub):
+        if not UsbPort.valid(hub) and not hub.isdigit():
             raise t.fail("hub", f"{hub!r} is not a hub location", 'write it as uhubctl lists it, e.g. "1-1"')
         port = t.get("port", int, required=True, fix="add port = N (the hub port the module's supply is on)")
         if not 1 <= port <= 255:
@@ -556,7 +559,7 @@ def _virtual_relays(t: _Table | None) -> dict[str, bool]:
     return found
 
 
-def _ports(t: _Table) -> tuple[str, ...]:
+def _ports(t: _Table) -> tuple[UsbPort, ...]:
     port = t.get("port", str)
     ports = t.get("ports", list)
     if port is None and not ports:
@@ -565,12 +568,14 @@ def _ports(t: _Table) -> tuple[str, ...]:
         raise t.fail("ports", "port and ports are both set", "list every port in ports, or use port alone")
     all_ports = [port] if port is not None else list(ports)
     for p in all_ports:
-        if not isinstance(p, str) or not _PORT_PATH.match(p):
+        if not UsbPort.valid(p):
             raise t.fail("port", f"{p!r} is not a USB port path",
-                         "write it as lsusb -t / sysfs shows it: BUS-PORT[.PORT...], e.g. 1-1.3")
-    if len(set(all_ports)) != len(all_ports):
+                         f"write it as lsusb -t / sysfs shows it: BUS-PORT[.PORT...] (at most {MAX_DEPTH} ports), "
+                         "e.g. 1-1.3")
+    parsed = tuple(UsbPort(p) for p in all_ports)
+    if len(set(parsed)) != len(parsed):
         raise t.fail("ports", "lists a port twice", "list each port once")
-    return tuple(all_ports)
+    return parsed
 
 
 def _usb_boot(t: _Table) -> UsbBootOptions:
@@ -584,18 +589,18 @@ def _usb_boot(t: _Table) -> UsbBootOptions:
     return UsbBootOptions(retries, t.get("signed_boot", bool, False), disk)
 
 
-def _usb_select(t: _Table, ports: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+def _usb_select(t: _Table, ports: tuple[UsbPort, ...]) -> dict[UsbPort, tuple[str, ...]]:
     """``[usb.select]``: ``"PORT" = ["program", "arg", ...]`` for ports of ``[usb] ports``."""
     select = t.table("select")
     if select is None:
         return {}
-    found: dict[str, tuple[str, ...]] = {}
+    found: dict[UsbPort, tuple[str, ...]] = {}
     for port in select.data:
         if port not in ports:
             select.seen.add(port)
             raise select.fail(port, f"names port {port}, which [usb] ports does not list",
                               f"use one of {', '.join(ports)}")
-        found[port] = _argv(select, port, required=True)
+        found[UsbPort(port)] = _argv(select, port, required=True)
     select.done()
     return found
 
@@ -661,7 +666,7 @@ def _virtual(t: _Table, rig_name: str) -> Virtual:
         e.done()
     usb = t.table("usb")
     usb_data = dict(usb.data) if usb else {}
-    controllers: dict[str, str] = {}
+    controllers: dict[UsbPort, str] = {}
     if usb:
         c = usb.table("controllers")
         controllers = _controllers(c) if c else {}
@@ -677,17 +682,17 @@ def _virtual(t: _Table, rig_name: str) -> Virtual:
                    controllers, boot_engine, relay_rest)
 
 
-def _controllers(t: _Table) -> dict[str, str]:
+def _controllers(t: _Table) -> dict[UsbPort, str]:
     """``"PORT" = "KIND-PROFILE"``; which kinds and profiles exist is the virtual bus's to say."""
-    found: dict[str, str] = {}
+    found: dict[UsbPort, str] = {}
     for port in t.data:
         value = t.get(port, str, fix=f'write "{port}" = "xhci-lenient" (or "ehci-hypothesis-maxpacket", ...)')
-        if not _PORT_PATH.match(port):
+        if not UsbPort.valid(port):
             raise t.fail(port, f"{port!r} is not a USB port path", 'quote a port of [usb] ports, e.g. "15-1"')
         if not re.match(r"^[a-z]+(-[a-z]+)*$", value):
             raise t.fail(port, f"{value!r} is not a controller",
                          'write KIND-PROFILE, e.g. "xhci-lenient" or "ehci-hypothesis-maxpacket"')
-        found[port] = value
+        found[UsbPort(port)] = value
     return found
 
 

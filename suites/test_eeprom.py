@@ -14,7 +14,6 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import allure
 import pytest
@@ -25,7 +24,6 @@ from hil.eeprom.flash import EepromUpdate, flash_eeprom, read_banner
 from hil.errors import InfrastructureError, InputError, ProductError
 from hil.rig import Rig
 from hil.usbboot.fileserver import Payload
-from hil.usbboot.host import DEFAULT_SETTLE
 from hil.usbboot.trace import FileServed, Listener
 
 pytestmark = pytest.mark.needs("eeprom", "nrpi_boot")
@@ -39,12 +37,6 @@ SAFE_ORDER = "0xf41"  # eMMC first: what other suites expect to find
 WALKS = {"network-first": ["NETWORK", "RESTART", "NETWORK", "RESTART", "NETWORK"],
          "usb-then-emmc": {"cm4": ["BCM-USB-MSD", "SD"], "cm5": ["USB-MSD", "SD"]},
          "emmc": ["SD"]}
-
-
-@pytest.fixture
-def usb(rig: Rig) -> dict[str, Any]:
-    """usbboot options: a virtual module's readiness is modelled in device time, so its settle time is scaled."""
-    return {"settle": DEFAULT_SETTLE / rig.virtual.speedup} if rig.virtual is not None else {}
 
 
 @pytest.fixture
@@ -102,10 +94,9 @@ def boot_modes(lc: Lifecycle, count: int) -> list[str]:
         lc.off()
 
 
-def test_update_is_proven_by_metadata_and_the_uart(lifecycle: Lifecycle, recovery: Callable[..., Path],
-                                                   usb: dict[str, Any]) -> None:
+def test_update_is_proven_by_metadata_and_the_uart(lifecycle: Lifecycle, recovery: Callable[..., Path]) -> None:
     folder = recovery(SAFE_ORDER)
-    result = flash_eeprom(lifecycle, folder, **usb)
+    result = flash_eeprom(lifecycle, folder)
     _attach(result)
     assert result.metadata["EEPROM_UPDATE"] == "success"
     assert result.metadata["EEPROM_HASH"] == result.sha256
@@ -115,34 +106,34 @@ def test_update_is_proven_by_metadata_and_the_uart(lifecycle: Lifecycle, recover
 
 @pytest.mark.parametrize("variant", list(ORDERS))
 def test_boot_order_decides_where_the_module_boots(lifecycle: Lifecycle, recovery: Callable[..., Path], rig: Rig,
-                                                   usb: dict[str, Any], variant: str) -> None:
+                                                   variant: str) -> None:
     order = ORDERS[variant][rig.model.name]
     walk = WALKS[variant]
     expected = walk[rig.model.name] if isinstance(walk, dict) else walk
     try:
-        result = flash_eeprom(lifecycle, recovery(order), **usb)
+        result = flash_eeprom(lifecycle, recovery(order))
         _attach(result)
         assert result.banner is not None and f"0x{result.banner.boot_order:x}" == order
         assert boot_modes(lifecycle, len(expected)) == expected
     finally:
         if variant != "emmc":
-            flash_eeprom(lifecycle, recovery(SAFE_ORDER), confirm=False, **usb)
+            flash_eeprom(lifecycle, recovery(SAFE_ORDER), confirm=False)
 
 
 @pytest.mark.needs("eeprom_nwp")
-def test_write_protection_holds_only_while_nwp_is_low(lifecycle: Lifecycle, recovery: Callable[..., Path], rig: Rig,
-                                                      usb: dict[str, Any]) -> None:
+def test_write_protection_holds_only_while_nwp_is_low(lifecycle: Lifecycle, recovery: Callable[..., Path],
+                                                      rig: Rig) -> None:
     try:
-        protected = flash_eeprom(lifecycle, recovery(config_txt=("eeprom_write_protect=1",)), **usb)
+        protected = flash_eeprom(lifecycle, recovery(config_txt=("eeprom_write_protect=1",)))
         _attach(protected)
         assert protected.protection == "verified: a write with EEPROM_nWP low was refused"
         if not rig.relays.nwp_protect_at_rest:
             assert any("nwp_protect_at_rest" in note for note in protected.notes)
         with pytest.raises(InfrastructureError) as refused:
-            flash_eeprom(lifecycle, recovery("0xf21"), keep_write_protect=True, **usb)
+            flash_eeprom(lifecycle, recovery("0xf21"), keep_write_protect=True)
         assert refused.value.stage == "eeprom.update" and "write-protected" in refused.value.message
     finally:
-        cleared = flash_eeprom(lifecycle, recovery(config_txt=("eeprom_write_protect=0",)), **usb)
+        cleared = flash_eeprom(lifecycle, recovery(config_txt=("eeprom_write_protect=0",)))
     _attach(cleared)
     assert cleared.protection == "verified: a write with EEPROM_nWP low was accepted"
 
@@ -186,16 +177,16 @@ class _PowerCut(Listener):
 
 
 def test_interrupted_update_is_recovered_through_usb_boot(lifecycle: Lifecycle, recovery: Callable[..., Path],
-                                                          rig: Rig, usb: dict[str, Any]) -> None:
+                                                          rig: Rig) -> None:
     folder = recovery(SAFE_ORDER)
     with _PowerCut(lifecycle, rig).armed() as cut, pytest.raises(InfrastructureError) as interrupted:
-        flash_eeprom(lifecycle, folder, listener=cut, **usb)
+        flash_eeprom(lifecycle, folder, listener=cut)
     assert cut.fired and interrupted.value.stage == "eeprom.update"
     assert "half-written" in interrupted.value.message
     with pytest.raises(ProductError) as silent:
         read_banner(lifecycle)
     assert "no valid bootloader" in silent.value.message
-    recovered = flash_eeprom(lifecycle, folder, **usb)
+    recovered = flash_eeprom(lifecycle, folder)
     _attach(recovered)
     assert recovered.banner is not None and f"0x{recovered.banner.boot_order:x}" == SAFE_ORDER
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 from hil.hostenv import outside_umockdev
 
@@ -13,6 +14,7 @@ def hil_command(*args: str) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-m", "hil.cli", *args], outside_umockdev()
 
 
-def hil(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def hil(*args: str, timeout: float = 120, **options: Any) -> subprocess.CompletedProcess[str]:
+    """``options`` go to subprocess.run (``cwd``, ``stdin``)."""
     argv, env = hil_command(*args)
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, check=False, **options)

@@ -70,7 +70,6 @@ BROKEN = [
     (GOOD.replace("speedup = 10", "speedup = 0"), "virtual.speedup", "positive"),
     (GOOD + "[boot.markers]\nlogin = '(['\n", "boot.markers.login", "regular expression"),
     ("model = [", "", "valid TOML"),
-    (GOOD + '[power]\nbackend = "uhubctl"\nhub = "1-1"\nport = 2\n', "power.backend", "relay"),
     (GOOD + '[power]\nbackend = "plug"\n', "power.backend", "uhubctl"),
 ]
 

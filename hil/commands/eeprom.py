@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from hil.commands.rigcontrol import rig_session
 from hil.eeprom.build import IMAGE_NAME, build_update
 from hil.eeprom.flash import flash_eeprom, read_banner, show_image
 from hil.eeprom.pieeprom import IMAGE_SIZES
 from hil.errors import InputError
 from hil.models import MODELS, ModuleModel
 from hil.rig import load_rig
+from hil.session import RigSession, find_body
 from hil.units import seconds
 
 _EEPROM_MODELS = sorted(name for name, m in MODELS.items() if m.has_eeprom)
@@ -46,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                "eeprom_write_protect if config.txt sets it, then power-cycles and reads the "
                                "bootloader's version and BOOT_ORDER from the UART.")
     flash.add_argument("--rig", required=True, help="rig file")
-    flash.add_argument("--payload", type=Path, required=True, help="recovery folder (usbboot recovery/ or recovery5/)")
+    flash.add_argument("--payload", type=Path, help="recovery folder (usbboot recovery/ or recovery5/; a virtual "
+                       "rig: a generated stand-in unless given)")
     flash.add_argument("--keep-write-protect", action="store_true",
                        help="leave EEPROM_nWP pulled low during the update (rehearse a protected module)")
     flash.add_argument("--no-confirm", action="store_true", help="skip the UART check after the update")
@@ -85,8 +87,16 @@ def _build(args: argparse.Namespace) -> int:
 
 def _flash(args: argparse.Namespace) -> int:
     options = {} if args.settle is None else {"settle": args.settle}
-    with rig_session(args.rig) as lifecycle:
-        result = flash_eeprom(lifecycle, args.payload, keep_write_protect=args.keep_write_protect,
+    rig = load_rig(args.rig)
+    no_payload = InputError(f"no recovery folder for rig {rig.name}. Fix: pass --payload DIR (usbboot's recovery/ "
+                            "or recovery5/, or one `hil eeprom build` wrote)", stage="eeprom.payload")
+    if args.payload is None and find_body(rig) is None:
+        raise no_payload
+    with RigSession(rig, rerun=sys.argv[1:]) as session:
+        payload = session.payload(args.payload, "recovery")
+        if payload is None:
+            raise no_payload
+        result = flash_eeprom(session.lifecycle, payload, keep_write_protect=args.keep_write_protect,
                               confirm=not args.no_confirm, **options)
     if args.json:
         args.json.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
@@ -100,9 +110,9 @@ def _flash(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     if args.rig:
-        with rig_session(args.rig) as lifecycle:
-            banner = read_banner(lifecycle)
-        print(f"{lifecycle.rig.name}: bootloader VERSION {banner.version} ({banner.date}, BUILD_TIMESTAMP "
+        with RigSession(args.rig) as session:
+            banner = read_banner(session.lifecycle)
+        print(f"{session.rig.name}: bootloader VERSION {banner.version} ({banner.date}, BUILD_TIMESTAMP "
               f"{banner.build_timestamp}), BOOT_ORDER 0x{banner.boot_order:x}")
         return 0
     image = _read(args.image, "image")

@@ -1,33 +1,26 @@
-"""``hil flash IMAGE --rig RIG``: put the module in mass-storage mode, find and guard its disk, write,
-verify, check the partitions and power it off again.
+"""``hil flash IMAGE --rig RIG``: the flash flow (hil/flows/flash.py) in a rig session, printed as it goes.
 
-The image is checked before the module is even powered: a bad image costs nothing. ``--dry-run``
-goes as far as the guarded disk and prints what would be written where.
+The image is checked before the rig is even locked: a bad image costs nothing. ``--dry-run`` goes as far as
+the guarded disk and prints what would be written where. A virtual rig's module and, where its rig file names
+none, a stand-in payload come from the rig session.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from pathlib import Path
 
-from hil.control.relays import RelayBank
-from hil.disk.discovery import wait_for_disk
-from hil.disk.guard import check_still_same, guard_disk
+from hil.disk.discovery import Disk
 from hil.errors import InputError
-from hil.flash import bootfacts, customise
-from hil.flash.bootfacts import read_boot_facts
 from hil.flash.cache import ImageCache
-from hil.flash.postcheck import check_partitions, device_path, lint_image, set_boot_options
 from hil.flash.ranges import sparse_ranges, total
-from hil.flash.sources import Image, open_image
-from hil.flash.verify import verify_written
-from hil.flash.writer import WriteResult, write_image
-from hil.rig import Rig, load_rig
+from hil.flash.sources import Image
+from hil.flows.flash import FlashListener, customisation, flash_emmc, open_flash_image
+from hil.rig import load_rig
+from hil.session import RigSession
 from hil.units import human_size
-from hil.usbboot.host import UsbBoot
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip reading the written ranges back")
     p.add_argument("--payload", type=Path, help="usbboot payload folder (default: the rig's)")
     p.add_argument("--no-usbboot", action="store_true",
-                   help="the module is already in mass-storage mode: do not power-cycle or USB-boot it")
+                   help="the module is already in mass-storage mode: do not power-cycle or USB-boot it, and leave "
+                   "the rig's switches as they are (the rig is still locked)")
     p.add_argument("--bmap", type=Path, help="a .bmap for the image (default: IMAGE.bmap if present)")
     p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                    help="set a config.txt option on the written image, e.g. enable_uart=1 (repeatable)")
@@ -96,6 +90,25 @@ class _Bar:
             self.shown = 0.0
 
 
+class _Printer(FlashListener):
+    """The command's view of the flow: a line per stage result, progress bars on a terminal."""
+
+    def __init__(self) -> None:
+        self.bar = _Bar("write ")
+
+    def disk_found(self, disk: Disk) -> None:
+        print(f"disk    {disk.describe()}" + (f", {disk.by_path}" if disk.by_path else ""), flush=True)
+
+    def write_progress(self, position: int, size: int | None, written: int, seconds: float) -> None:
+        self.bar.write(position, size, written, seconds)
+
+    def verify_progress(self, checked: int, need: int, seconds: float) -> None:
+        if self.bar.what != "verify":
+            self.bar.done()
+            self.bar = _Bar("verify")
+        self.bar.verify(checked, need, seconds)
+
+
 def _plan_text(image: Image) -> str:
     if image.bmap is not None:
         return f"{human_size(image.bmap.mapped_bytes)} mapped, from {image.bmap.path}"
@@ -106,71 +119,48 @@ def _plan_text(image: Image) -> str:
     return "mapped ranges found while decoding, from the partitions' filesystems"
 
 
-def _power_usb_boot(relays: RelayBank, rig: Rig) -> None:
-    if relays.power is None or relays.nrpi_boot is None:
-        raise InputError(f"{rig.path} wires no nRPI_BOOT relay, so the module cannot be put in USB boot mode. "
-                         "Fix: add [relays.nrpi_boot], or pass --no-usbboot with the module in mass storage",
-                         stage="flash")
-    relays.power.set(False)
-    time.sleep(rig.relays.off_time)
-    relays.nrpi_boot.set(True)
-    relays.power.set(True)
-
-
 def _run(args: argparse.Namespace) -> int:
     rig = load_rig(args.rig)
     config = _options(args.config)
-    image = open_image(args.image, rig.emmc_size, bmap=args.bmap, raw=args.raw)
-    for warning in lint_image(image, rig.model):
+    # a virtual rig: from here on under umockdev-wrapper; --no-usbboot leaves the rig's switches as they are
+    session = RigSession(rig, rerun=sys.argv[1:], switches=not args.no_usbboot)
+    image, warnings = open_flash_image(args.image, rig, bmap=args.bmap, raw=args.raw)  # bad: exit 2, rig untouched
+    for warning in warnings:
         print(f"hil: warning: {warning}", file=sys.stderr)
-    plan = None
-    if rig.customise.enabled and not args.no_customise and not args.raw:  # refused before anything is touched
-        customise.check_image(image)
-        plan = customise.plan(rig)
+    plan = customisation(rig, image, wanted=not (args.no_customise or args.raw))  # refused before anything is touched
     size = human_size(image.size) if image.size is not None else "size known after decoding"
-    print(f"image   {image.path} ({image.format}, {size}); {_plan_text(image)}")
-    with contextlib.ExitStack() as stack:
-        if not args.no_usbboot:  # the bank powers the module off again when the flash ends, however it ends
-            _power_usb_boot(stack.enter_context(RelayBank(rig.relays)), rig)
-            UsbBoot.for_rig(rig, args.payload).run()
-        disk = wait_for_disk(rig.usb_port, rig.timeouts["mass_storage"], target=rig.usb_boot.disk)
-        print(f"disk    {disk.describe()}" + (f", {disk.by_path}" if disk.by_path else ""))
-        with guard_disk(disk, rig) as guarded:
-            if args.dry_run:
-                print(f"dry run: would write {image.path} to {disk.node} on USB port {disk.port}"
-                      + ("" if args.no_verify else ", then read it back") + "; nothing written")
-                return 0
-            check_still_same(guarded, rig)
-            bar, checked = _Bar("write "), []
-
-            def read_back(written: WriteResult) -> None:  # runs while the decoder checks the image's rest
-                bar.done()
-                verify_bar = _Bar("verify")
-                checked.append(verify_written(guarded.fd, disk.node, written.written, progress=verify_bar.verify))
-                verify_bar.done()
-
-            result = write_image(image, guarded.fd, disk.node, disk.size, progress=bar.write,
-                                 cache=None if args.no_cache else ImageCache(),
-                                 then=None if args.no_verify else read_back)
-            bar.done()
-            print(f"write   {human_size(result.bytes_written)} of {human_size(result.image_size)} in "
-                  f"{result.seconds:.1f} s, {result.mbps:.1f} MB/s (plan: {result.plan}"
-                  + (", from the cache" if result.from_cache else "") + ")")
-            for check in checked:
-                print(f"verify  {human_size(check.bytes_read)} in {check.seconds:.1f} s, "
-                      f"{check.mbps:.1f} MB/s: identical")
-            if args.raw:  # raw data on purpose: no partitions to check or edit
-                return 0
-            parts = check_partitions(guarded.fd, disk.node)
-            if config or args.cmdline:
-                set_boot_options(guarded.fd, disk.node, parts.boot, config, args.cmdline)
-                print(f"options config.txt {config or '-'}; cmdline.txt {args.cmdline or '-'}")
-            print(f"check   p{parts.boot.index} {parts.boot_fat} boot at {parts.boot.start // 1024**2} MiB, "
-                  f"p{parts.root.index} ext4 root: ok")
-            for change in customise.apply(guarded.fd, disk.node, parts.boot, plan) if plan else ():
-                print(f"custom  {change}")
-            facts = read_boot_facts(device_path(guarded.fd), rig.model.name, parts.boot, parts.root)
-            bootfacts.save(rig, facts)
-            if not facts.serial_console:
-                print(f"hil: warning: {facts.why_silent}; `hil boot` cannot confirm this image", file=sys.stderr)
+    print(f"image   {image.path} ({image.format}, {size}); {_plan_text(image)}", flush=True)
+    printer = _Printer()
+    with session:
+        try:
+            result = flash_emmc(None if args.no_usbboot else session.lifecycle, image, rig=rig,
+                                payload=session.payload(args.payload),
+                                usbboot=not args.no_usbboot, dry_run=args.dry_run, verify=not args.no_verify,
+                                cache=None if args.no_cache else ImageCache(), config=config, cmdline=args.cmdline,
+                                plan=plan, raw=args.raw, listener=printer)
+        finally:
+            printer.bar.done()
+    disk = result.disk
+    if result.write is None:
+        print(f"dry run: would write {image.path} to {disk.node} on USB port {disk.port}"
+              + ("" if args.no_verify else ", then read it back") + "; nothing written")
+        return 0
+    written = result.write
+    print(f"write   {human_size(written.bytes_written)} of {human_size(written.image_size)} in "
+          f"{written.seconds:.1f} s, {written.mbps:.1f} MB/s (plan: {written.plan}"
+          + (", from the cache" if written.from_cache else "") + ")")
+    if result.verify is not None:
+        print(f"verify  {human_size(result.verify.bytes_read)} in {result.verify.seconds:.1f} s, "
+              f"{result.verify.mbps:.1f} MB/s: identical")
+    if result.options:
+        print(f"options config.txt {config or '-'}; cmdline.txt {args.cmdline or '-'}")
+    parts = result.partitions
+    if parts is None:  # --raw: raw data on purpose, no partitions to check or edit
+        return 0
+    print(f"check   p{parts.boot.index} {parts.boot_fat} boot at {parts.boot.start // 1024**2} MiB, "
+          f"p{parts.root.index} ext4 root: ok" + (f"; build-id {result.build_id}" if result.build_id else ""))
+    for change in result.changes:
+        print(f"custom  {change}")
+    if result.facts is not None and not result.facts.serial_console:
+        print(f"hil: warning: {result.facts.why_silent}; `hil boot` cannot confirm this image", file=sys.stderr)
     return 0

@@ -9,17 +9,15 @@ worst failure (a host-controller incompatibility is infrastructure, 3) unless ``
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-import tempfile
 from pathlib import Path
 
-from hil.control.lifecycle import Lifecycle
 from hil.control.usbselect import command_cable
 from hil.errors import ExitCode, InputError
 from hil.matrix import Attempt, Cable, MatrixStore, format_table, plot, run_matrix
 from hil.nightly import reports_root
-from hil.rig import Rig, load_rig
+from hil.rig import load_rig
+from hil.session import RigSession, find_body
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,17 +57,12 @@ def _run(args: argparse.Namespace) -> int:
     ports = list(args.port or rig.usb_ports)
     if args.attempts < 1:
         raise InputError(f"--attempts {args.attempts}: boot at least once per port", stage="matrix")
-    with contextlib.ExitStack() as stack:
-        payload = args.payload or rig.payload
-        if rig.is_virtual:
-            cable: Cable | None
-            cable, payload = _virtual(stack, rig, payload)
-        else:
-            cable = command_cable(rig, ports)
-        lifecycle = stack.enter_context(Lifecycle(rig))
-        store = stack.enter_context(MatrixStore(args.reports))
-        run, attempts = run_matrix(lifecycle, args.attempts, payload, store, ports=args.port, cable=cable,
-                                   progress=_progress)
+    # a rig body (the virtual rig) moves its own cable; a real rig runs its [usb.select] commands, checked now
+    cable: Cable | None = None if find_body(rig) else command_cable(rig, ports)
+    with RigSession(rig, rerun=sys.argv[1:]) as session, MatrixStore(args.reports) as store:
+        cable = cable or getattr(session.body, "cable", None)
+        run, attempts = run_matrix(session.lifecycle, args.attempts, session.payload(args.payload), store,
+                                   ports=args.port, cable=cable, progress=_progress)
         cells = store.cells(run)
     print()
     print(format_table(cells), end="")
@@ -88,18 +81,3 @@ def _run(args: argparse.Namespace) -> int:
           "--record-only to only record)", file=sys.stderr)
     return int(code)
 
-
-def _virtual(stack: contextlib.ExitStack, rig: Rig, payload: Path | None) -> tuple[Cable, Path]:
-    """The virtual module (under umockdev-wrapper), its cable, and a stand-in payload unless one is given."""
-    from hil.commands.virtual import ensure_umockdev
-
-    ensure_umockdev(sys.argv[1:])
-    from hil.virtual.rig import VirtualRig
-    from hil.virtual.usb.payloads import make_payload
-
-    vrig = stack.enter_context(VirtualRig(rig))
-    if payload is None:
-        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cm-hil-matrix-")))
-        payload = make_payload(work, "msd" if rig.model.chip_dir == "2710" else "mass-storage-gadget64",
-                               (rig.model.name,))
-    return vrig.cable, payload

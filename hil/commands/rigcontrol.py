@@ -1,9 +1,8 @@
 """``hil boot``, ``hil console`` and ``hil power``: drive one rig's module by hand.
 
-Each command holds the rig's lock for as long as it runs and leaves the rig safe when it ends, except
-``hil power on`` on a switch that keeps its state without this process (uhubctl, commands). A virtual
-rig exists only inside the process that drives it, so for one of those the command brings the virtual
-module up itself, for its own duration.
+Each command runs in a rig session (hil/session.py): it holds the rig's lock for as long as it runs, brings a
+virtual rig's module up for its own duration, and leaves the rig safe when it ends, except ``hil power on``
+on a switch that keeps its state without this process (uhubctl, commands).
 """
 
 from __future__ import annotations
@@ -17,11 +16,9 @@ import sys
 import termios
 import threading
 import tty
-from collections.abc import Iterator
 
 from hil.control.console import Console
-from hil.control.lifecycle import Lifecycle, RigLock
-from hil.rig import Rig, load_rig
+from hil.session import RigSession
 
 QUIT = b"\x1d"  # Ctrl-]
 
@@ -43,38 +40,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     console.set_defaults(func=_console)
 
     power = sub.add_parser("power", help="switch the module's power: on, off or cycle",
-                           description="'on' and 'cycle' boot from the eMMC (nRPI_BOOT released). A relay "
-                           "is held only while this command runs (Ctrl-C powers off); a hub port or command "
-                           "switch stays on until 'hil power off'.")
+                           description="'on' and 'cycle' boot from the eMMC (nRPI_BOOT released); 'cycle' returns "
+                           "once power is back. A relay is held only while this command runs ('on' waits, Ctrl-C "
+                           "powers off); a hub port or command switch stays on until 'hil power off'.")
     power.add_argument("action", choices=("on", "off", "cycle"))
     power.add_argument("--rig", required=True, help="rig file")
     power.set_defaults(func=_power)
 
 
-@contextlib.contextmanager
-def rig_session(path: str) -> Iterator[Lifecycle]:
-    """The rig of a command as one lifecycle (a virtual rig is brought up beside it first)."""
-    rig = load_rig(path)
-    lock = RigLock(rig)  # before the virtual module: a second command must not touch its console or eMMC
-    lock.acquire()
-    with contextlib.ExitStack() as stack:
-        stack.callback(lock.release)
-        if rig.is_virtual:
-            stack.enter_context(_virtual_module(rig))
-        lifecycle = stack.enter_context(Lifecycle(rig, lock=lock))
-        if lifecycle.recovered:
-            print(f"hil: {lifecycle.recovered}", file=sys.stderr)
-        yield lifecycle
-
-
-def _virtual_module(rig: Rig) -> contextlib.AbstractContextManager[object]:
-    from hil.virtual.rig import VirtualRig  # only for a virtual rig: the library itself never needs it
-
-    return VirtualRig(rig)
-
-
 def _boot(args: argparse.Namespace) -> int:
-    with rig_session(args.rig) as lifecycle:
+    with RigSession(args.rig) as session:
+        lifecycle = session.lifecycle
         record = lifecycle.boot(expect_build_id=args.expect_build_id)
     if args.json:
         print(json.dumps(record.to_dict(), indent=1))
@@ -88,28 +64,39 @@ def _boot(args: argparse.Namespace) -> int:
 
 
 def _power(args: argparse.Namespace) -> int:
-    with rig_session(args.rig) as lifecycle:
+    with RigSession(args.rig) as session:
+        lifecycle = session.lifecycle
         if args.action == "off":
             lifecycle.off()
             print(f"{lifecycle.rig.name}: powered off", file=sys.stderr)
             return 0
         if args.action == "cycle":
             lifecycle.off()
+            lifecycle.power_on()  # after the switch's off-time
+            if lifecycle.power.holds_after_exit:
+                lifecycle.leave_powered()
+                print(f"{lifecycle.rig.name}: power cycled (eMMC boot); it stays on until `hil power off`",
+                      file=sys.stderr)
+            else:
+                print(f"{lifecycle.rig.name}: power cycled (eMMC boot); {lifecycle.power.describe()} switches off "
+                      "again as this command ends (`hil power on` holds it on)", file=sys.stderr)
+            return 0
         lifecycle.power_on()
         if lifecycle.power.holds_after_exit:
             lifecycle.leave_powered()
             print(f"{lifecycle.rig.name}: powered on (eMMC boot); `hil power off` switches it off",
                   file=sys.stderr)
             return 0
-        print(f"{lifecycle.rig.name}: powered on (eMMC boot) while this command runs; Ctrl-C powers off",
-              file=sys.stderr)
-        with contextlib.suppress(KeyboardInterrupt):
+        with contextlib.suppress(KeyboardInterrupt):  # from the message on: Ctrl-C is the way to end it
+            print(f"{lifecycle.rig.name}: powered on (eMMC boot) while this command runs; Ctrl-C powers off",
+                  file=sys.stderr, flush=True)
             threading.Event().wait()
     return 0
 
 
 def _console(args: argparse.Namespace) -> int:
-    with rig_session(args.rig) as lifecycle:
+    with RigSession(args.rig) as session:
+        lifecycle = session.lifecycle
         console = lifecycle.console
         print(f"hil: console {console.device} @ {console.baud}; log {console.log_path}; Ctrl-] quits",
               file=sys.stderr)

@@ -1,5 +1,8 @@
 """``hil usbboot``: boot a module over USB from a payload folder, like ``rpiboot -p PATH -d DIR``.
 
+With ``--rig`` the command owns the rig (a rig session): it power-cycles the module into USB boot, serves it and
+powers it off when it ends. With ``--port`` it serves whatever boot ROM is on that port, as rpiboot does.
+
 Stages and files are printed as they pass; ``--json`` keeps the whole result (or the failure and its
 evidence) for a nightly report. The exit code says whose fault a failure was (hil/errors.py ExitCode).
 """
@@ -9,12 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
 from hil.errors import HilError, InputError
 from hil.models import MODELS
-from hil.rig import load_rig, parse_stage_timeout
+from hil.rig import Rig, load_rig, parse_stage_timeout
+from hil.session import RigSession, find_body
 from hil.units import human_size, seconds
 from hil.usbboot.host import DEFAULT_ROM_RETRIES, DEFAULT_SETTLE, READ_TIMEOUT, UsbBoot, UsbBootResult
 from hil.usbboot.trace import FileServed, Listener, StageTiming
@@ -34,8 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="what follows the file server (auto: nothing for recovery payloads)")
     p.add_argument("--timeout", action="append", default=[], metavar="STAGE=SECONDS",
                    help=f"override a stage timeout ({', '.join(_STAGES)})")
-    p.add_argument("--settle", type=seconds, default=DEFAULT_SETTLE,
-                   help=f"seconds between enumeration and the first request (default {DEFAULT_SETTLE:g})")
+    p.add_argument("--settle", type=seconds,
+                   help=f"seconds between enumeration and the first request (default {DEFAULT_SETTLE:g}, scaled by "
+                   "a virtual rig's speed-up)")
     p.add_argument("--read-timeout", type=seconds, default=READ_TIMEOUT,
                    help=f"seconds per status/request read (default {READ_TIMEOUT:g})")
     p.add_argument("--rom-retries", type=int, default=None,
@@ -82,25 +88,26 @@ def _timeouts(items: list[str]) -> dict[str, float]:
 
 def _run(args: argparse.Namespace) -> int:
     options: dict[str, Any] = dict(
-        settle=args.settle, read_timeout=args.read_timeout,
+        read_timeout=args.read_timeout,
         **{k: v for k, v in (("rom_retries", args.rom_retries), ("signed", args.signed)) if v is not None},
         expect_mass_storage={"auto": None, "mass-storage": True, "nothing": False}[args.expect],
         metadata_json=args.metadata, listener=Listener() if args.quiet else _Progress(sys.stdout))
+    if args.settle is not None:
+        options["settle"] = args.settle
+    timeouts = _timeouts(args.timeout)
     try:
         if args.rig:
             rig = load_rig(args.rig)
             if args.model and MODELS[args.model] != rig.model:
                 raise InputError(f"--model {args.model} contradicts {rig.path} (model {rig.model.name}). "
                                  "Fix: drop --model or correct the rig file", stage="usbboot")
-            boot = UsbBoot.for_rig(rig, args.payload, **options)
-            boot.timeouts.update(_timeouts(args.timeout))
+            result = _on_rig(replace(rig, timeouts={**rig.timeouts, **timeouts}), args.payload, options)
         else:
             if args.payload is None:
                 raise InputError("--port needs --payload DIR (a usbboot folder such as "
                                  "mass-storage-gadget64)", stage="usbboot")
-            boot = UsbBoot(args.port, args.payload, MODELS[args.model] if args.model else None,
-                           timeouts=_timeouts(args.timeout), **options)
-        result = boot.run()
+            result = UsbBoot(args.port, args.payload, MODELS[args.model] if args.model else None,
+                             timeouts=timeouts, **options).run()
     except HilError as e:
         if args.json:
             failure = {"ok": False, "error": e.message, "stage": e.stage, "fault": e.fault.value,
@@ -111,6 +118,15 @@ def _run(args: argparse.Namespace) -> int:
         args.json.write_text(result.to_json() + "\n", encoding="utf-8")
     print(_summary(result))
     return 0
+
+
+def _on_rig(rig: Rig, payload: Path | None, options: dict[str, Any]) -> UsbBootResult:
+    """The rig's module power-cycled with nRPI_BOOT asserted and booted from the payload, in a rig session (a
+    virtual rig's module and stand-in payload come with it); the session powers it off at the end."""
+    if payload is None and find_body(rig) is None:
+        UsbBoot.for_rig(rig)  # without a payload anywhere its InputError names the fix, before anything is touched
+    with RigSession(rig, rerun=sys.argv[1:]) as session:
+        return session.lifecycle.mass_storage(session.payload(payload), **options)
 
 
 def _summary(result: UsbBootResult) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import shutil
 import subprocess
 import sys
@@ -14,10 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hil.commands.rigcontrol import rig_session
-from hil.errors import InfrastructureError, InputError
-from hil.hostenv import umockdev_active
+from hil.errors import InputError
 from hil.rig import Rig, load_rig, runtime_dir
+from hil.session import RigSession
 
 if TYPE_CHECKING:
     from hil.control.lifecycle import Lifecycle
@@ -49,17 +47,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     selftest.set_defaults(func=_selftest)
 
 
-def ensure_umockdev(argv: list[str]) -> None:
-    """Re-run this command under umockdev-wrapper, so libusb and udev see the virtual USB devices."""
-    if umockdev_active():
-        return
-    wrapper = shutil.which("umockdev-wrapper")
-    if wrapper is None:
-        raise InfrastructureError("umockdev-wrapper is not installed; run ./setup.sh", stage="virtual")
-    sys.stdout.flush()
-    os.execv(wrapper, [wrapper, sys.executable, "-m", "hil.cli", *argv])
-
-
 def _virtual_rig(path: str) -> Rig:
     rig = load_rig(path)
     if rig.virtual is None:
@@ -69,24 +56,19 @@ def _virtual_rig(path: str) -> Rig:
 
 
 @contextlib.contextmanager
-def _session(path: str) -> Iterator[tuple[VirtualRig, Lifecycle]]:
-    """The virtual module and the lifecycle that drives it, as ``hil boot`` has them: the lifecycle (rig
-    lock, state file, signals) closes first, so the safe state reaches a module that still exists."""
-    from hil.virtual.rig import VirtualRig
-
-    with rig_session(path) as lifecycle:
-        yield VirtualRig.running(lifecycle.rig.name), lifecycle
+def _session(path: Rig | str) -> Iterator[tuple[VirtualRig, Lifecycle]]:
+    """The virtual module and the lifecycle that drives it, in a rig session under umockdev-wrapper."""
+    with RigSession(path, rerun=sys.argv[1:]) as session:
+        yield session.body, session.lifecycle
 
 
 def _run(args: argparse.Namespace) -> int:
     program = args.program[1:] if args.program[:1] == ["--"] else args.program
     if not program:
         raise InputError("no PROGRAM given; write: hil virtual run --rig RIG -- PROGRAM ARGS...", stage="virtual")
-    _virtual_rig(args.rig)
-    ensure_umockdev(sys.argv[1:])
     from hil.virtual.usb.umockdev_bus import UsbBus
 
-    with _session(args.rig) as (vrig, lifecycle):
+    with _session(_virtual_rig(args.rig)) as (vrig, lifecycle):
         rig = lifecycle.rig
         if args.boot_mode == "usb":
             lifecycle.usb_boot()  # PROGRAM starts once the boot ROM is on the port
@@ -133,8 +115,10 @@ def _payload(args: argparse.Namespace) -> int:
 def _selftest(args: argparse.Namespace) -> int:
     """Load a fresh test image, boot it from eMMC, prove its build-id over the console, then show the ROM."""
     rig = _virtual_rig(args.rig)
-    ensure_umockdev(sys.argv[1:])
     from hil.image.build import ImageSpec, build_image
+    from hil.virtual.body import ensure_umockdev
+
+    ensure_umockdev(sys.argv[1:])  # before the image is built: the re-run would build it again
 
     steps: list[float] = []
 
@@ -148,7 +132,7 @@ def _selftest(args: argparse.Namespace) -> int:
         image = build_image(Path(tmp) / "test.img", ImageSpec(model=rig.model.name, size=min(256 * 2**20,
                                                                                            rig.emmc_size)))
         step("build test image", time.monotonic() - t0, f"{image.size // 2**20} MiB, build-id {image.build_id}")
-        with _session(args.rig) as (vrig, lifecycle):
+        with _session(rig) as (vrig, lifecycle):
 
             def load() -> None:  # natively, as an eMMC programmer would, while the module is off
                 with open(image.path, "rb") as src, open(vrig.emmc.image_path, "r+b") as dst:

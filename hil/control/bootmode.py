@@ -22,7 +22,6 @@ from hil.rig import Rig
 from hil.usbboot.events import PortEvents
 from hil.usbboot.selection import (
     Identity,
-    PortPath,
     Stage,
     find_on_port,
     identity,
@@ -124,7 +123,7 @@ def _backend(backend: Any) -> Any:
 
 def find_rom(rig: Rig, backend: Any = None) -> Identity | None:
     """The boot ROM on the rig's USB port right now, if there is one (devices are not opened)."""
-    port = PortPath.parse(rig.usb_port)
+    port = rig.usb_port
     for dev in find_on_port(port, _backend(backend)):
         found = identity(dev)
         if found.stage is Stage.ROM:
@@ -139,7 +138,7 @@ def find_rom(rig: Rig, backend: Any = None) -> Identity | None:
 
 def wait_for_rom(rig: Rig, timeout: float, backend: Any = None) -> Identity:
     """Prove USB boot: the rig's model's boot ROM enumerates on the rig's port within ``timeout``."""
-    port = PortPath.parse(rig.usb_port)
+    port = rig.usb_port
     backend = _backend(backend)
     with PortEvents(port) as events:
         found = events.wait(lambda: find_rom(rig, backend), time.monotonic() + timeout)

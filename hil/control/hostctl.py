@@ -15,8 +15,8 @@ from typing import Any
 import pyudev
 
 from hil.errors import InfrastructureError
-from hil.usbboot.selection import PortPath
 from hil.usbboot.trace import FileServed, Listener, StageTiming
+from hil.usbport import UsbPort
 
 #: sysfs ``speed`` (Mb/s) -> the USB speed's name.
 SPEED_NAMES = {"1.5": "low", "12": "full", "480": "high", "5000": "super", "10000": "super+", "20000": "super+"}
@@ -78,9 +78,9 @@ def speed_name(mbps: str) -> str:
     return SPEED_NAMES.get(mbps.strip(), f"{mbps.strip()} Mb/s" if mbps.strip() else "unknown")
 
 
-def identify(port: str | PortPath, context: pyudev.Context | None = None) -> HostController:
+def identify(port: str, context: pyudev.Context | None = None) -> HostController:
     """The host controller of ``port`` ("1-1.3") and the hubs on the way, from sysfs."""
-    path = port if isinstance(port, PortPath) else PortPath.parse(port)
+    path = UsbPort(port)
     context = context or pyudev.Context()
     names = [f"usb{path.bus}"] + [f"{path.bus}-{'.'.join(map(str, path.ports[:n]))}"
                                   for n in range(1, len(path.ports))]
@@ -112,7 +112,7 @@ def identify(port: str | PortPath, context: pyudev.Context | None = None) -> Hos
                           controller.sys_name, ids, tuple(hubs))
 
 
-def port_speed(port: str | PortPath, context: pyudev.Context | None = None) -> str | None:
+def port_speed(port: str, context: pyudev.Context | None = None) -> str | None:
     """The speed the device now on ``port`` enumerated at ("full", "high", ...), or None if the port is empty."""
     device = _usb_device(context or pyudev.Context(), str(port))
     return speed_name(_attr(device, "speed")) if device is not None else None
@@ -122,7 +122,7 @@ class SpeedRecorder(Listener):
     """Notes the speed each boot stage enumerated at, as the USB boot host finds the device; passes every
     event on to ``inner`` (a progress display or the report's steps)."""
 
-    def __init__(self, port: str | PortPath, inner: Listener | None = None, context: pyudev.Context | None = None):
+    def __init__(self, port: str, inner: Listener | None = None, context: pyudev.Context | None = None):
         self.port = str(port)
         self.inner = inner or Listener()
         self.context = context or pyudev.Context()

@@ -107,8 +107,26 @@ class RigLock:
                                               lock=str(self.path)) from None
                 time.sleep(0.1)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} ({' '.join(sys.argv)[:200]})\n".encode(), 0)
+        since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        os.pwrite(fd, f"pid {os.getpid()} ({' '.join(sys.argv)[:200]}) since {since}\n".encode(), 0)
         self._fd = fd
+
+    def holder(self) -> str | None:
+        """Who holds the lock now ("pid N (command) since T"), or None when the rig is free; takes nothing."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                return os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            return None
+        finally:
+            os.close(fd)  # drops the shared lock taken to look
 
     def release(self) -> None:
         if self._fd >= 0:

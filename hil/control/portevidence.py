@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from hil.usbboot.selection import PortPath
+from hil.usbport import UsbPort
 
 KMSG = Path("/dev/kmsg")
 USBMON = Path("/sys/kernel/debug/usb/usbmon")
@@ -30,10 +30,10 @@ USBMON_HINT = ("as root: `mount -t debugfs none /sys/kernel/debug` (if /sys/kern
                "`modprobe usbmon`; the trace is then in /sys/kernel/debug/usb/usbmon/<bus>u")
 
 
-def port_pattern(port: str | PortPath) -> re.Pattern[str]:
+def port_pattern(port: str) -> re.Pattern[str]:
     """Kernel messages about ``port`` ("usb 1-1.3: ...", "usb-storage 1-1.3:1.0: ...") and about the hub port
     it hangs off ("usb 1-1-port3: ...", "usb usb1-port1: ..."), not about devices further down."""
-    path = port if isinstance(port, PortPath) else PortPath.parse(str(port))
+    path = UsbPort(port)
     name = str(path)
     hub = (f"{path.bus}-{'.'.join(map(str, path.ports[:-1]))}" if len(path.ports) > 1 else f"usb{path.bus}")
     return re.compile(rf"(?<![\w.-]){re.escape(name)}(?=:)|(?<![\w.-]){re.escape(hub)}-port{path.ports[-1]}(?=:)")
@@ -66,7 +66,7 @@ class PortEvidence:
         self._kmsg_fd = self._open(self.kmsg, "kernel log", KMSG_HINT)
         if self._kmsg_fd is not None:
             os.lseek(self._kmsg_fd, 0, os.SEEK_END)  # only what the kernel logs from now on
-        bus = PortPath.parse(self.port).bus
+        bus = UsbPort(self.port).bus
         self._mon_fd = self._open(self.usbmon / f"{bus}u", "usbmon", USBMON_HINT)
         if self._mon_fd is not None:
             os.lseek(self._mon_fd, 0, os.SEEK_END)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from hil.control.power import run_program
 from hil.errors import InputError
 from hil.rig import Rig
+from hil.usbport import UsbPort
 
 STAGE = "matrix.select"
 SELECT_TIMEOUT = 30.0  # s per select command
@@ -31,8 +32,9 @@ def command_cable(rig: Rig, ports: tuple[str, ...] | list[str]) -> Callable[[str
                          "moving the cable in between", stage="matrix")
 
     def cable(port: str) -> None:
-        if port in rig.usb_select:
-            run_program(rig.usb_select[port], SELECT_TIMEOUT, STAGE, f"to connect the module to USB port {port}",
+        command = rig.usb_select.get(UsbPort(port))
+        if command is not None:
+            run_program(command, SELECT_TIMEOUT, STAGE, f"to connect the module to USB port {port}",
                         f"[usb.select] of {rig.path}")
 
     return cable

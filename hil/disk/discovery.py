@@ -19,6 +19,7 @@ import pyudev
 
 from hil import uevents
 from hil.errors import InfrastructureError, ProductError
+from hil.usbport import UsbPort
 
 STAGE = "disk.discovery"
 
@@ -27,7 +28,7 @@ STAGE = "disk.discovery"
 class Disk:
     node: str  # /dev/sdX
     syspath: str
-    port: str  # USB port path of the disk's USB device, e.g. 1-1.4
+    port: UsbPort  # USB port path of the disk's USB device, e.g. 1-1.4
     size: int  # bytes; 0 = no medium
     vendor: str
     model: str
@@ -52,10 +53,10 @@ class Disk:
         return f"{self.node} ({ident}, {self.size} bytes, USB{usb} port {self.port}{beside})"
 
 
-def usb_port(device: pyudev.Device) -> str | None:
+def usb_port(device: pyudev.Device) -> UsbPort | None:
     """The port path of the USB device a block device hangs off, or None if it is not behind USB."""
     usb = device.find_parent("usb", "usb_device")
-    return usb.sys_name if usb is not None else None
+    return UsbPort(usb.sys_name) if usb is not None and UsbPort.valid(usb.sys_name) else None
 
 
 def _disk(device: pyudev.Device) -> Disk | None:
@@ -101,7 +102,7 @@ def choose(disks: list[Disk], target: str = "emmc") -> Disk | None:
                                           for d in disks if d is not found[0]))
 
 
-def disks_on_port(port: str, context: pyudev.Context | None = None) -> list[Disk]:
+def disks_on_port(port: UsbPort, context: pyudev.Context | None = None) -> list[Disk]:
     """Whole disks behind the USB device on ``port``, as things are now."""
     context = context or pyudev.Context()
     found = []
@@ -112,7 +113,7 @@ def disks_on_port(port: str, context: pyudev.Context | None = None) -> list[Disk
     return found
 
 
-def wait_for_disk(port: str, timeout: float, *, target: str = "emmc", context: pyudev.Context | None = None,
+def wait_for_disk(port: UsbPort, timeout: float, *, target: str = "emmc", context: pyudev.Context | None = None,
                   clock: Callable[[], float] = time.monotonic) -> Disk:
     """The ``target`` disk ("emmc" or "nvme") on ``port`` once its medium has a size. Disks on other ports are
     ignored; a second disk of the same module (a carrier's NVMe) is named and left alone."""

@@ -19,7 +19,7 @@ from typing import TypeVar
 import pyudev
 
 from hil import uevents
-from hil.usbboot.selection import PortPath
+from hil.usbport import UsbPort
 
 T = TypeVar("T")
 
@@ -31,7 +31,7 @@ class PortEvents:
 
     They come from the process's one uevent monitor (:mod:`hil.uevents`), which is drained all the time."""
 
-    def __init__(self, port: PortPath, *, on_event: Callable[[str], None] = lambda action: None,
+    def __init__(self, port: UsbPort, *, on_event: Callable[[str], None] = lambda action: None,
                  clock: Callable[[], float] = time.monotonic):
         self.port = str(port)
         self._on_event = on_event

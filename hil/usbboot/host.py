@@ -31,7 +31,6 @@ from hil.usbboot.fileserver import FoundFile, Payload, parse_metadata, write_met
 from hil.usbboot.selection import (
     Endpoints,
     Identity,
-    PortPath,
     Stage,
     endpoints,
     find_on_port,
@@ -40,6 +39,7 @@ from hil.usbboot.selection import (
     port_not_on_host,
 )
 from hil.usbboot.trace import FileServed, Listener, StageTiming, Trace, Transfer
+from hil.usbport import UsbPort
 
 DEFAULT_SETTLE = 1.0  # s between enumeration and the first vendor request (rpiboot's sleep(1), section 3.2)
 DEFAULT_ROM_RETRIES = 2  # failed ROM exchanges repeated per boot (rpiboot repeats without bound, main.c:1064-1121)
@@ -171,13 +171,13 @@ class UsbBoot:
     request); a timed-out request read is repeated until the file-server stage runs out of time.
     """
 
-    def __init__(self, port: str | PortPath, payload: str | Path, model: ModuleModel | None = None, *,
+    def __init__(self, port: str, payload: str | Path, model: ModuleModel | None = None, *,
                  timeouts: Mapping[str, float] | None = None, settle: float = DEFAULT_SETTLE,
                  rom_retries: int = DEFAULT_ROM_RETRIES, read_timeout: float = READ_TIMEOUT,
                  signed: bool = False, expect_mass_storage: bool | None = None,
                  metadata_json: Path | None = None, backend: Any = None, listener: Listener | None = None,
                  clock: Callable[[], float] = time.monotonic):
-        self.port = port if isinstance(port, PortPath) else PortPath.parse(port)
+        self.port = UsbPort(port)
         self.folder = Path(payload)
         self.model = model
         self.timeouts = {**DEFAULT_TIMEOUTS, **(timeouts or {})}
@@ -202,13 +202,14 @@ class UsbBoot:
 
     @classmethod
     def for_rig(cls, rig: Rig, payload: str | Path | None = None, **options: Any) -> UsbBoot:
-        """The rig's module on the rig's port, with the rig's stage timeouts, ROM retries, signed boot and
-        (unless given) payload."""
+        """The rig's module on the rig's port, with the rig's stage timeouts, ROM retries, signed boot, time scale
+        and (unless given) payload."""
         folder = payload or rig.payload
         if folder is None:
             raise InputError(f"rig {rig.name} has no payload folder. Fix: add payload = \"DIR\" under [usb] "
                              f"in {rig.path} or pass --payload DIR", stage="usbboot.payload")
-        options = {"rom_retries": rig.usb_boot.rom_retries, "signed": rig.usb_boot.signed, **options}
+        options = {"rom_retries": rig.usb_boot.rom_retries, "signed": rig.usb_boot.signed,
+                   "settle": DEFAULT_SETTLE * rig.time_scale, **options}
         return cls(rig.usb_port, folder, rig.model, timeouts=rig.timeouts, **options)
 
     # -- the stage sequence -------------------------------------------------------------------------------

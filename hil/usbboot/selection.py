@@ -8,44 +8,23 @@ The stage comes from the device descriptor's iSerialNumber *index* (usbboot-prot
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import usb.core
 
-from hil.errors import InputError
 from hil.models import BROADCOM_VID, GADGET_PID, MODELS, MSD_PID, ROM_PIDS, ModuleModel
+from hil.usbport import UsbPort
 
-_PATH = re.compile(r"^(\d+)-(\d+(?:\.\d+){0,6})$")
 ROM_ISERIALS = (0, 3)
 
 
-@dataclass(frozen=True)
-class PortPath:
-    """``BUS-PORT[.PORT...]`` as the kernel names the device in sysfs (``lsusb -t``, ``rpiboot -p``)."""
-
-    bus: int
-    ports: tuple[int, ...]
-
-    @classmethod
-    def parse(cls, text: str) -> PortPath:
-        m = _PATH.match(text.strip())
-        if not m:
-            raise InputError(f"{text!r} is not a USB port path. Fix: write it as sysfs names the port, "
-                             "BUS-PORT[.PORT...], e.g. 1-1.4", stage="usbboot.port")
-        return cls(int(m.group(1)), tuple(int(p) for p in m.group(2).split(".")))
-
-    def __str__(self) -> str:
-        return f"{self.bus}-{'.'.join(map(str, self.ports))}"
-
-
-def port_not_on_host(port: PortPath) -> str | None:
+def port_not_on_host(port: UsbPort) -> str | None:
     """Why this host has no such port (its bus or the hub it hangs off is not there, or that hub has fewer
     ports), or None when the port exists and was merely empty. Read from sysfs, as libusb sees it."""
     devices = Path("/sys/bus/usb/devices")
-    parent = f"usb{port.bus}" if len(port.ports) == 1 else f"{port.bus}-{'.'.join(map(str, port.ports[:-1]))}"
+    parent = str(port.hub) if port.hub else f"usb{port.bus}"
     if not (devices / f"usb{port.bus}").exists():
         return f"this host has no USB bus {port.bus}, so port {port} does not exist here"
     if not (devices / parent).exists():
@@ -99,7 +78,7 @@ def identity(dev: usb.core.Device) -> Identity:
     return Identity(dev.idVendor, dev.idProduct, dev.iSerialNumber, dev.bus, dev.address)
 
 
-def find_on_port(port: PortPath, backend: Any) -> list[usb.core.Device]:
+def find_on_port(port: UsbPort, backend: Any) -> list[usb.core.Device]:
     """The Broadcom devices libusb lists on exactly this port (briefly two while one leaves).
 
     Other ports' devices are never opened: only their cached descriptors are compared."""

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from hil.disk.discovery import disks_on_port
 from hil.hostenv import outside_umockdev
+from hil.usbport import UsbPort
 from hil.virtual.journal import Journal
 
 UNMOUNT_LOG = "unmounted.log"
@@ -99,7 +100,7 @@ class Desktop:
         would be told, every :data:`POLL` seconds)."""
         handled: set[tuple[str, str]] = set()
         while not self._stop.wait(POLL):
-            present = {(d.node, d.syspath) for d in disks_on_port(self.port) if d.size > 0}
+            present = {(d.node, d.syspath) for d in disks_on_port(UsbPort(self.port)) if d.size > 0}
             if present - handled:
                 self.automount()
             handled = present

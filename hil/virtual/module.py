@@ -161,13 +161,20 @@ class VirtualModule:
 
     def _line_changed(self, line: RelayLine, level: Level) -> None:
         energised = self._rests_on(line) if level is None else level == line.active_high
+        self._input_changed(line.role, energised, gpio=line.gpio, level=level)
+
+    def supply(self, on: bool, source: str) -> None:
+        """Power applied or cut by something other than a relay: a hub port (uhubctl), a switched socket."""
+        self._input_changed("power", on, source=source)
+
+    def _input_changed(self, role: str, energised: bool, **details: object) -> None:
         drained: _Session | None = None
         with self._lock:
-            if self._energised[line.role] == energised:
+            if self._energised[role] == energised:
                 return
-            self._energised[line.role] = energised
-            self.journal.record("relay", line.role, energised=energised, gpio=line.gpio, level=level)
-            if line.role != "power":
+            self._energised[role] = energised
+            self.journal.record("relay", role, energised=energised, **details)
+            if role != "power":
                 return
             if not energised:
                 if self._session is not None:

@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING, ClassVar
 from hil.errors import InfrastructureError, InputError, RigFileError
 from hil.hostenv import umockdev_active
 from hil.rig import Rig
+from hil.usbport import UsbPort
 from hil.virtual.console import ConsoleFaults, VirtualConsole
 from hil.virtual.eeprom import VirtualEeprom
 from hil.virtual.emmc import VirtualEmmc
 from hil.virtual.journal import Journal
 from hil.virtual.module import State, VirtualModule
 from hil.virtual.relays import mock_factory
+from hil.virtual.supply import supply_for
 from hil.virtual.timing import DeviceClock
 from hil.virtual.usb import sysfs
 from hil.virtual.usb.hostprofiles import DEFAULT_KIND, controller_spec
@@ -101,6 +103,9 @@ class VirtualRig:
                 self.module.usb = self._usb_side()
             self.module.connect_relays(mock_factory())
             self._opened.append(self.module)
+            supply = supply_for(self.rig, lambda on: self.module.supply(on, self.rig.power.backend))
+            if supply is not None:  # powered through a (virtual) hub port or commands, not a relay
+                self._opened.append(supply.open())
             with VirtualRig._running_lock:
                 VirtualRig._running[self.rig.name] = self
         except BaseException:
@@ -121,10 +126,11 @@ class VirtualRig:
     def controller(self, port: str) -> str:
         """The host controller and profile of ``port`` as the rig file gives it (default: lenient xHCI)."""
         assert self.rig.virtual is not None
-        return self.rig.virtual.controllers.get(port, DEFAULT_KIND)
+        return self.rig.virtual.controllers.get(UsbPort(port), DEFAULT_KIND)
 
     def cable(self, port: str) -> None:
         """Move the module's USB cable to ``port`` (one of the rig's ports) while the module is off."""
+        port = UsbPort(port)
         if port not in self.rig.usb_ports:
             raise InputError(f"rig {self.rig.name} has no USB port {port}; its ports are "
                              f"{', '.join(self.rig.usb_ports)} ([usb] ports in {self.rig.path})", stage="virtual")

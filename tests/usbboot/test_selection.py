@@ -5,19 +5,20 @@ from __future__ import annotations
 import pytest
 
 from hil.errors import InputError
-from hil.usbboot.selection import Identity, PortPath, Stage
+from hil.usbboot.selection import Identity, Stage
+from hil.usbport import UsbPort
 
 
 def test_port_path_round_trip() -> None:
-    port = PortPath.parse("1-1.4")
+    port = UsbPort("1-1.4")
     assert (port.bus, port.ports, str(port)) == (1, (1, 4), "1-1.4")
-    assert PortPath.parse("3-2").ports == (2,)
+    assert UsbPort("3-2").ports == (2,)
 
 
 @pytest.mark.parametrize("text", ["1", "1-", "a-1", "1-1..2", "usb1", "1-1.4 extra"])
 def test_bad_port_path_is_input_error(text: str) -> None:
     with pytest.raises(InputError, match="port path"):
-        PortPath.parse(text)
+        UsbPort(text)
 
 
 @pytest.mark.parametrize(("pid", "iserial", "stage"), [

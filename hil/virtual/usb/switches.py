@@ -16,8 +16,8 @@ from typing import Any, NoReturn
 
 from hil.errors import RigFileError
 from hil.models import ModuleModel
-from hil.rig import _PORT_PATH  # the rig file's own port-path rule
 from hil.units import parse_size
+from hil.usbport import UsbPort
 from hil.virtual.journal import Journal
 from hil.virtual.timing import DeviceClock
 from hil.virtual.usb.descriptors import Descriptors, StandardRequests
@@ -99,9 +99,9 @@ def parse_switches(raw: Mapping[str, Any], model: ModuleModel, source: object = 
             if values[key] < 1024 * 1024 or values[key] % 512:
                 raise fail(key, f"{value!r} is not a drive size", 'write nvme = "1GiB" (a whole number of sectors)')
         elif key == "duplicate_disk":
-            if not isinstance(value, str) or not _PORT_PATH.match(value):
+            if not UsbPort.valid(value):
                 raise fail(key, f"{value!r} is not a USB port path", f"write {key} = {_PORT_HELP}")
-            values[key] = value
+            values[key] = UsbPort(value)
         else:
             known = sorted(UsbSwitches.__dataclass_fields__)
             near = difflib.get_close_matches(str(key), known, n=1)

@@ -26,6 +26,7 @@ import gi
 gi.require_version("UMockdev", "1.0")
 from gi.repository import UMockdev  # noqa: E402
 
+from hil import usbport  # noqa: E402
 from hil.errors import InfrastructureError, InputError  # noqa: E402
 from hil.hostenv import umockdev_active  # noqa: E402
 from hil.virtual.journal import Journal  # noqa: E402
@@ -40,7 +41,6 @@ from hil.virtual.usb.ueventqueue import uevent_queue_shortfall  # noqa: E402
 
 log = logging.getLogger(__name__)
 STAGE = "usb.transport"
-_PORT_PATH = re.compile(r"^(\d+)-(\d+(?:\.\d+){0,5})$")
 
 
 @dataclass
@@ -164,12 +164,9 @@ class UsbBus:
         """The port at ``path`` ("1-1.4": bus 1, root port 1, hub port 4), creating its bus, host
         controller and hubs on first use. ``controller`` is a kind with an optional host profile
         (``"ehci-hypothesis-maxpacket"``; :mod:`hil.virtual.usb.hostprofiles`), lenient unless said otherwise."""
-        match = _PORT_PATH.match(path)
-        if not match:
-            raise InputError(f"USB port path {path!r} is not like '1-1.4'; write BUS-PORT[.PORT...]",
-                             stage=STAGE)
+        parsed = usbport.UsbPort(path)  # the one port-path parser (this module's UsbPort is a bus port)
         kind_name, profile = controller_spec(controller, tuple(sysfs.CONTROLLERS))
-        number, chain = int(match[1]), [int(p) for p in match[2].split(".")]
+        number, chain = parsed.bus, list(parsed.ports)
         kind = sysfs.CONTROLLERS[kind_name]
         limits = [kind.root_ports] + [sysfs.HUB_PORTS] * (len(chain) - 1)
         if not 1 <= number <= 64 or any(not 1 <= p <= limit for p, limit in zip(chain, limits, strict=True)):
