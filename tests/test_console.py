@@ -111,3 +111,14 @@ def test_unplugged_adapter_is_infrastructure(pty: tuple[int, str]) -> None:
 def test_missing_device_is_infrastructure() -> None:
     with pytest.raises(InfrastructureError, match="cannot open the console /dev/ttyNOPE"):
         Console("/dev/ttyNOPE").open()
+
+
+def test_sequences_split_between_reads_are_joined(pty: tuple[int, str], tmp_path: Path) -> None:
+    """A read may end inside an escape sequence (busybox asks the cursor position, ESC[6n, after its prompt), a
+    \\r\\n or a UTF-8 character: none of them may leak into the text, or a prompt at the end is not seen."""
+    master, path = pty
+    with Console(path, 115200, log_path=tmp_path / "console.log") as console:
+        for piece in (b"caf\xc3", b"\xa9\r", b"\n~ # \x1b", b"[6n"):
+            os.write(master, piece)
+            time.sleep(0.15)  # separate reads
+        console.expect(r"café\n~ # $", 2.0, stage="console.test", what="prompt")

@@ -9,6 +9,7 @@ they appear. A timeout error shows the last lines and where the full log is.
 from __future__ import annotations
 
 import bisect
+import codecs
 import os
 import re
 import threading
@@ -26,6 +27,8 @@ from hil.runtime import open_private
 
 _PRINTABLE = re.compile(rb"[\t\r\n\x20-\x7e]")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+# What a read may end in the middle of: an escape sequence, or the \r of a \r\n.
+_UNFINISHED = re.compile(r"(?:\x1b(?:\[[0-9;?]*)?|\r)$")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,8 @@ class Console:
         self._cursor = 0  # expect() searches from here
         self._lines: list[Line] = []
         self._partial = ""
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a character may span two reads
+        self._carry = ""  # an unfinished escape sequence or \r\n, kept for the next read
         self._violation: str | None = None
         self._failure: HilError | None = None
         self._garbage = 0
@@ -131,7 +136,11 @@ class Console:
             listener(data)
         self._received += len(data)
         self._garbage += len(data) - len(_PRINTABLE.findall(data))
-        text = _ANSI.sub("", data.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n"))
+        raw = self._carry + self._decoder.decode(data)
+        unfinished = _UNFINISHED.search(raw)
+        self._carry = raw[unfinished.start():] if unfinished else ""
+        raw = raw[:unfinished.start()] if unfinished else raw
+        text = _ANSI.sub("", raw.replace("\r\n", "\n").replace("\r", "\n"))
         with self._cond:
             self._arrivals.append((len(self._text), self.now()))
             self._text += text
