@@ -18,6 +18,7 @@ if "HIL_RUNTIME_DIR" not in os.environ:  # xdist workers inherit the controller'
     os.environ["HIL_RUNTIME_DIR"] = str(_owned / "run")
     os.environ.setdefault("HIL_STATE_DIR", str(_owned / "state"))
     os.environ.setdefault("HIL_CACHE_DIR", str(_owned / "cache"))
+    os.environ.setdefault("HIL_REPORTS_DIR", str(_owned / "reports"))  # nightly history, matrix.db
 os.environ.setdefault("GPIOZERO_PIN_FACTORY", "mock")
 
 REPO = Path(__file__).resolve().parent.parent

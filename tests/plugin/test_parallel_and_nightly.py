@@ -4,6 +4,7 @@ status the nightly job derives from the results."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +46,13 @@ def test_hil_nightly_runs_the_suites_and_renders_the_report(make_rig: Callable[.
     assert (report / "html" / "index.html").is_file()
     assert (report / "junit.xml").read_text().count("<testcase ") == 11
     assert (report / "allure-results" / "environment.properties").is_file()
+    history = Path(os.environ["HIL_REPORTS_DIR"]) / "history.jsonl"
+    first_run = json.loads(history.read_text().splitlines()[-1])["uuid"]
+    again = hil("nightly", "--rig", str(make_rig("plug-night")), "--report-dir", str(tmp_path / "again"),
+                "--single-file", "--", "-k", "test_rig_selfcheck", timeout=240)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert [json.loads(line)["uuid"] for line in history.read_text().splitlines()][-2] == first_run
+    assert first_run in (tmp_path / "again" / "html" / "index.html").read_text()  # shown in the second report
 
 
 def test_hil_nightly_refuses_a_broken_rig_file(tmp_path: Path) -> None:
