@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hil.errors import HilError, InputError, ProductError
-from hil.flash.cache import CacheWriter, ImageCache
+from hil.flash.cache import CacheWriter, Follower, ImageCache
 from hil.flash.checksums import StreamChecksums
 from hil.flash.digest import piece_digest
 from hil.flash.ranges import AllocationMap, Extent, FixedRanges, Plan, merge, sparse_ranges, total
@@ -149,11 +149,18 @@ def write_image(image: Image, fd: int, device: str, capacity: int, *, cache: Ima
     still be checking the unmapped rest of the stream; a late decode error still fails the flash."""
     key = cache.key(image.path) if cache is not None and image.compressed else None
     entry = cache.lookup(key) if cache is not None and key is not None else None
+    claim = None
+    if cache is not None and key is not None and entry is None:
+        claim = cache.claim(key, image.bmap.mapped_bytes if image.bmap is not None else None)
+        entry = cache.lookup(key) if claim is None else None  # finished by another flash meanwhile
     plan, plan_name, mapped = _plan_for(image, entry.ranges if entry else None)
     source_path = entry.path if entry else image.path
     size = entry.image_size if entry else image.size
-    cache_writer = cache.writer(key, mapped) if cache is not None and key is not None and entry is None else None
-    result = WriteResult(device, image.path, size or 0, plan_name, from_cache=entry is not None)
+    cache_writer = claim if isinstance(claim, CacheWriter) else None
+    follower = claim if isinstance(claim, Follower) else None
+    if follower is not None:
+        plan_name = "shared decode"  # another flash decodes this image into the cache: no decoder here
+    result = WriteResult(device, image.path, size or 0, plan_name, from_cache=entry is not None or bool(follower))
     buffers = [mmap.mmap(-1, CHUNK) for _ in range(BUFFERS)]
     free: queue.Queue[int] = queue.Queue()
     for i in range(BUFFERS):
@@ -166,8 +173,13 @@ def write_image(image: Image, fd: int, device: str, capacity: int, *, cache: Ima
     started = time.monotonic()
     tails: list[_Tail] = []
     try:
-        chunks = (_random_access(source_path, size or 0, plan, buffers, free) if entry or not image.compressed
-                  else _decoded(image, plan, buffers, free, tails))
+        if follower is not None:
+            checks = None
+            chunks = _following(follower, image, buffers, free)
+        elif entry or not image.compressed:
+            chunks = _random_access(source_path, size or 0, plan, buffers, free)
+        else:
+            chunks = _decoded(image, plan, buffers, free, tails)
         with contextlib.closing(chunks):
             position = _feed(chunks, image, capacity, buffers, disk, result, cache_writer, progress, started,
                              first, checks)
@@ -186,6 +198,8 @@ def write_image(image: Image, fd: int, device: str, capacity: int, *, cache: Ima
                                "retry once; if it fails again at the same place the eMMC is worn or faulty",
                                stage=STAGE, offset=at, errno=e.errno) from None
         result.seconds = time.monotonic() - started
+        if follower is not None and follower.entry is not None:
+            size = follower.entry.image_size
         result.image_size = size if size is not None else position
         try:
             if then is not None:
@@ -212,6 +226,8 @@ def write_image(image: Image, fd: int, device: str, capacity: int, *, cache: Ima
         for b in buffers:
             b.close()
         first.close()
+        if follower is not None:
+            follower.close()
     if cache_writer is not None:
         cache_writer.commit(result.image_size, merge((w.start, w.end) for w in result.written))
     return result
@@ -298,6 +314,35 @@ def _feed(chunks: Iterator[tuple[int, int, int, list[Extent]]], image: Image, ca
         if progress is not None:
             progress(position, result.image_size or None, result.bytes_written, time.monotonic() - started)
     return position
+
+
+def _following(follower: Follower, image: Image, buffers: list[mmap.mmap],
+               free: queue.Queue[int]) -> Generator[tuple[int, int, int, list[Extent]], None, None]:
+    """Read what another flash's decode has made final so far, chunk by chunk, waiting for the rest."""
+    base = 0
+    while True:
+        if follower.entry is not None and base >= follower.entry.image_size:
+            return
+        available = follower.available(base + CHUNK)
+        end = min(base + CHUNK, available)
+        if end <= base:
+            return
+        if follower.entry is None:
+            end = base + (end - base) // mmap.PAGESIZE * mmap.PAGESIZE  # O_DIRECT: whole pages until the end
+        wanted = follower.data(base, end)
+        if wanted:
+            index = free.get()
+            view = memoryview(buffers[index])
+            for start, stop in wanted:
+                length = -(-(stop - start) // SECTOR) * SECTOR
+                got = os.preadv(follower.fd, [view[start - base:start - base + length]], start)
+                if got < stop - start:
+                    raise InputError(f"the cached decode of {image.path} is shorter than it said (byte {start})",
+                                     stage=STAGE)
+                view[start - base + got:start - base + length] = bytes(length - got)
+            view.release()
+            yield index, base, end - base, wanted
+        base = end
 
 
 def _random_access(path: Path, size: int, plan: Plan, buffers: list[mmap.mmap],
