@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hil.disk.discovery import Disk
 from hil.errors import InputError
+from hil.flash import digest
 from hil.flash.cache import ImageCache
 from hil.flash.ranges import sparse_ranges, total
 from hil.flash.sources import Image
@@ -151,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
           + (", from the cache" if written.from_cache else "") + ")")
     if result.verify is not None:
         print(f"verify  {human_size(result.verify.bytes_read)} in {result.verify.seconds:.1f} s, "
-              f"{result.verify.mbps:.1f} MB/s: identical")
+              f"{result.verify.mbps:.1f} MB/s: identical ({digest.NAME})")
     if result.options:
         print(f"options config.txt {config or '-'}; cmdline.txt {args.cmdline or '-'}")
     parts = result.partitions
