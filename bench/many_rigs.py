@@ -286,8 +286,8 @@ def main() -> int:
     print("command: the whole `hil flash` (start-up, USB boot, disk, write, read-back, checks); write+verify: from\n"
           "the disk found to the read-back done (all rigs' window when at once, the sum one after another).\n"
           "fw = the framework's processes, virt = the virtual rig's (FUSE server, virtual-* threads), machine = all\n"
-          "CPU the machine spent (kernel loop/FUSE work and anything else running included). s/GiB per GiB written + read back; CPU = user +\n"
-          "system.")
+          "CPU the machine spent (kernel loop/FUSE work and anything else running included). s/GiB per GiB\n"
+          "written + read back; CPU = user + system.")
     return 0
 
 
