@@ -10,12 +10,12 @@ so a decode that fails part-way never leaves one behind.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from hil.filehash import sha256_file
 from hil.flash.ranges import Extent
 
 DEFAULT_MAX_BYTES = 16 * 1024**3
@@ -76,12 +76,7 @@ class ImageCache:
         keys = self._keys()
         if ident in keys:
             return keys[ident]
-        h = hashlib.sha256()
-        with open(path, "rb", buffering=0) as f:
-            buf = bytearray(4 * 1024**2)
-            while n := f.readinto(buf):
-                h.update(memoryview(buf)[:n])
-        digest = h.hexdigest()
+        digest = sha256_file(path)
         keys[ident] = digest
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".{_KEYS}.{os.getpid()}"
