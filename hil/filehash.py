@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 
@@ -30,3 +31,27 @@ def sha256_file(path: Path) -> str:
                 data += n
             pos = hole
     return h.hexdigest()
+
+
+class Sha256InBackground:
+    """:func:`sha256_file` in a daemon thread, for a summary printed after a long job: the job does not wait for
+    it, and a failing or interrupted job leaves at once instead of waiting for the hash of a large file."""
+
+    def __init__(self, path: Path):
+        self._digest: str | None = None
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, args=(path,), name="sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self, path: Path) -> None:
+        try:
+            self._digest = sha256_file(path)
+        except OSError as e:
+            self._error = e
+
+    def result(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._digest is not None
+        return self._digest

@@ -12,14 +12,13 @@ import contextlib
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TextIO
 
 from hil.commands.progress import Progress, emit, progress_for
 from hil.disk.discovery import Disk
 from hil.errors import InputError
-from hil.filehash import sha256_file
+from hil.filehash import Sha256InBackground, sha256_file
 from hil.flash.cache import ImageCache
 from hil.flash.ranges import sparse_ranges, total
 from hil.flash.sources import Image
@@ -145,28 +144,27 @@ def _run(args: argparse.Namespace) -> int:
     plan = customisation(rig, image, wanted=not (args.no_customise or args.raw))  # refused before anything is touched
     size = human_size(image.size) if image.size is not None else "size known after decoding"
     print(f"image   {image.path} ({image.format}, {size}); {_plan_text(image)}", file=out, flush=True)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flash-sha256") as hasher:
-        digest: Future[str] | None = None
-        if expected is not None:  # hashed first: not a byte of a different image is written
-            got = sha256_file(image.path)
-            if got != expected:
-                raise InputError(f"{image.path} has SHA-256 {got}, not the expected {expected}; nothing was written. "
-                                 "Fix: download the image again, or give the hash published for this file",
-                                 stage="flash")
-            digest = _done(got)
-        elif not args.dry_run:  # for the summary, while the module boots and the image is written
-            digest = hasher.submit(sha256_file, image.path)
-        printer = _Printer(out, progress_for(args.json, args.progress_every), sys.stdout if args.json else None)
-        with session:
-            try:
-                result = flash_emmc(None if args.no_usbboot else session.lifecycle, image, rig=rig,
-                                    payload=session.payload(args.payload),
-                                    usbboot=not args.no_usbboot, dry_run=args.dry_run, verify=not args.no_verify,
-                                    cache=None if args.no_cache else ImageCache(), config=config,
-                                    cmdline=args.cmdline, plan=plan, raw=args.raw, listener=printer)
-            finally:
-                printer.progress.end()
-        sha256 = digest.result() if digest is not None else None
+    sha256: str | None = None
+    hashing: Sha256InBackground | None = None
+    if expected is not None:  # hashed first: not a byte of a different image is written
+        sha256 = sha256_file(image.path)
+        if sha256 != expected:
+            raise InputError(f"{image.path} has SHA-256 {sha256}, not the expected {expected}; nothing was written. "
+                             "Fix: download the image again, or give the hash published for this file", stage="flash")
+    elif not args.dry_run:  # for the summary, while the module boots and the image is written
+        hashing = Sha256InBackground(image.path)
+    printer = _Printer(out, progress_for(args.json, args.progress_every), sys.stdout if args.json else None)
+    with session:
+        try:
+            result = flash_emmc(None if args.no_usbboot else session.lifecycle, image, rig=rig,
+                                payload=session.payload(args.payload),
+                                usbboot=not args.no_usbboot, dry_run=args.dry_run, verify=not args.no_verify,
+                                cache=None if args.no_cache else ImageCache(), config=config, cmdline=args.cmdline,
+                                plan=plan, raw=args.raw, listener=printer)
+        finally:
+            printer.progress.end()
+    if hashing is not None:
+        sha256 = hashing.result()
     _summary(args, result, config, out)
     seconds = time.monotonic() - started
     if result.write is not None:
@@ -176,12 +174,6 @@ def _run(args: argparse.Namespace) -> int:
     if result.facts is not None and not result.facts.serial_console:
         print(f"hil: warning: {result.facts.why_silent}; `hil boot` cannot confirm this image", file=sys.stderr)
     return 0
-
-
-def _done(value: str) -> Future[str]:
-    future: Future[str] = Future()
-    future.set_result(value)
-    return future
 
 
 def _summary(args: argparse.Namespace, result: FlashResult, config: dict[str, str], out: TextIO) -> None:
