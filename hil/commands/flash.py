@@ -3,6 +3,10 @@
 The image is checked before the rig is even locked: a bad image costs nothing. ``--dry-run`` goes as far as
 the guarded disk and prints what would be written where. A virtual rig's module and, where its rig file names
 none, a stand-in payload come from the rig session.
+
+Progress (hil/commands/progress.py) is a bar on a terminal, a line every few seconds in a CI log, or JSON events
+with ``--json``; the summary ends with the total time and the image file's SHA-256, which ``--expect-sha256``
+checks before the rig is touched.
 """
 
 from __future__ import annotations
