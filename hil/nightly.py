@@ -10,6 +10,7 @@ scheduler can tell "the product regressed" from "the lab needs a look".
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -33,6 +34,20 @@ REPORTS = REPO / "reports"
 HISTORY_FILE = "history.jsonl"
 TEST_TIMEOUT_S = 3 * 3600  # per test, above every stage timeout: only a hung test reaches it
 _TAG = re.compile(r"^(?:[\w.]+: )?\[(infrastructure|product|input)\]")
+
+
+def suite_titles(folder: Path = SUITES) -> dict[str, str]:
+    """Each suite file in ``folder`` and its title (its docstring up to the first colon), read without importing
+    it: what ``hil nightly --help`` says will run, so the help cannot fall behind the folder."""
+    titles = {}
+    for path in sorted(folder.glob("test_*.py")):
+        try:
+            doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+        except (OSError, SyntaxError, UnicodeDecodeError):
+            doc = ""
+        first = " ".join(doc.split("\n\n", 1)[0].split())
+        titles[path.name] = first.split(": ", 1)[0].rstrip(".") or "(no description)"
+    return titles
 _PYTEST_EXIT = {2: ExitCode.INFRASTRUCTURE, 3: ExitCode.INFRASTRUCTURE, 4: ExitCode.INPUT, 5: ExitCode.INPUT}
 
 

@@ -6,15 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from hil.nightly import default_history, run_nightly
+from hil.nightly import SUITES, default_history, run_nightly, suite_titles
 from hil.report.render import HISTORY_LIMIT
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("nightly", help="run the rig suites on every rig and render the report",
-                       description="Runs suites/ (rig self-check, flash and boot) on each rig, in parallel with one "
-                       "worker per rig, then renders the Allure HTML report. Exit status: 0 all passed, 4 a module "
-                       "or image failed, 3 a rig or the host failed, 2 bad input.")
+                       description=_description(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rig", action="extend", nargs="+", required=True, metavar="RIG.toml",
                    help="rig files, e.g. --rig rigs/virtual-*.toml (repeatable)")
     p.add_argument("--image", action="append", default=[], metavar="[MODEL=]IMAGE",
@@ -34,6 +32,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-history", action="store_true", help="render this run alone and record nothing")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="-- more pytest arguments (e.g. -k flash)")
     p.set_defaults(func=_run)
+
+
+def _description() -> str:
+    suites = suite_titles()
+    listed = "\n".join(f"  {name:<24} {title}" for name, title in suites.items()) or f"  (none found in {SUITES})"
+    return ("Runs every suite in suites/ on each rig, in parallel with one worker per rig (a test runs only on the\n"
+            "rigs whose model and wiring it needs), then renders the Allure HTML report. The suites:\n"
+            f"{listed}\n"
+            "Exit status: 0 all passed, 4 a module or image failed, 3 a rig or the host failed, 2 bad input.")
 
 
 def _run(args: argparse.Namespace) -> int:

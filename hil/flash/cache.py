@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import time
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hil.errors import InfrastructureError
+from hil.filehash import sha256_file
 from hil.flash.ranges import Extent
 
 DEFAULT_MAX_BYTES = 16 * 1024**3
@@ -154,12 +154,7 @@ class ImageCache:
         keys = self._keys()
         if ident in keys:
             return keys[ident]
-        h = hashlib.sha256()
-        with open(path, "rb", buffering=0) as f:
-            buf = bytearray(4 * 1024**2)
-            while n := f.readinto(buf):
-                h.update(memoryview(buf)[:n])
-        digest = h.hexdigest()
+        digest = sha256_file(path)
         keys[ident] = digest
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".{_KEYS}.{os.getpid()}"

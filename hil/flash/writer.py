@@ -39,8 +39,9 @@ CHUNK = 4 * 1024**2
 HEAD = 1024**2  # written last: an MBR or GPT and the boot sector lie in it
 BUFFERS = 6
 SECTOR = 512
-#: progress(position in the image, image size if known, bytes written so far, seconds since start)
-Progress = Callable[[int, int | None, int, float], None]
+#: progress(position in the image, image size if known, bytes written so far, bytes the plan maps if known up
+#: front (a .bmap, a sparse file, the cache; not while decoding by filesystems), seconds since start)
+Progress = Callable[[int, int | None, int, int | None, float], None]
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def write_image(image: Image, fd: int, device: str, capacity: int, *, cache: Ima
             chunks = _decoded(image, plan, buffers, free, tails)
         with contextlib.closing(chunks):
             position = _feed(chunks, image, capacity, buffers, disk, result, cache_writer, progress, started,
-                             first, checks)
+                             first, checks, mapped)
         disk.jobs.put(None)
         disk.join()
         try:
@@ -282,7 +283,8 @@ class _Head:
 
 def _feed(chunks: Iterator[tuple[int, int, int, list[Extent]]], image: Image, capacity: int,
           buffers: list[mmap.mmap], disk: _DiskWriter, result: WriteResult, cache_writer: CacheWriter | None,
-          progress: Progress | None, started: float, first: _Head, checks: StreamChecksums | None) -> int:
+          progress: Progress | None, started: float, first: _Head, checks: StreamChecksums | None,
+          mapped: int | None) -> int:
     """Check, hash (and cache) each chunk's mapped pieces, hold back what lies in the first MiB and hand the
     rest to the writer; the end position."""
     position = 0
@@ -312,7 +314,7 @@ def _feed(chunks: Iterator[tuple[int, int, int, list[Extent]]], image: Image, ca
         disk.jobs.put((index, base, now))
         position = end
         if progress is not None:
-            progress(position, result.image_size or None, result.bytes_written, time.monotonic() - started)
+            progress(position, result.image_size or None, result.bytes_written, mapped, time.monotonic() - started)
     return position
 
 

@@ -58,7 +58,9 @@ class FlashListener:
 
     def disk_found(self, disk: Disk) -> None: ...
 
-    def write_progress(self, position: int, size: int | None, written: int, seconds: float) -> None: ...
+    def write_progress(self, position: int, size: int | None, written: int, mapped: int | None,
+                       seconds: float) -> None:
+        """``mapped``: the bytes to write when known up front (else only ``position`` of ``size`` tells)."""
 
     def verify_progress(self, checked: int, need: int, seconds: float) -> None: ...
 

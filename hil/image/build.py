@@ -8,7 +8,6 @@ write is allocated, so a 256 MiB image takes a fraction of a second and a few Mi
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import re
 import secrets
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hil.errors import InputError
+from hil.filehash import sha256_file
 from hil.image import compress as packing
 from hil.image.bootfs import boot_files, boot_partition
 from hil.image.mbr import SECTOR, DiskLayout, Partition, encode, partuuid
@@ -72,7 +72,7 @@ class BuiltImage:
     def sha256(self) -> str:
         """Of the raw image file as written (a broken raw image's own digest), computed on first use:
         hashing an oversize image the size of a real eMMC takes seconds."""
-        return _sha256(self.path)
+        return sha256_file(self.path)
 
     @property
     def outputs(self) -> list[Path]:
@@ -244,30 +244,6 @@ def _sectors_per_cluster(size: int) -> int:
         if size <= limit:
             return sectors
     return 64
-
-
-def _sha256(path: Path) -> str:
-    """Digest of a sparse file: holes are hashed from a zero buffer instead of being read."""
-    h, zeros, buf = hashlib.sha256(), memoryview(bytes(4 * MiB)), memoryview(bytearray(4 * MiB))
-    with open(path, "rb", buffering=0) as f:
-        fd, pos, end = f.fileno(), 0, os.fstat(f.fileno()).st_size
-        while pos < end:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: nothing but a hole up to the end
-                data = end
-            for at in range(pos, data, len(zeros)):
-                h.update(zeros[:min(len(zeros), data - at)])
-            hole = end if data == end else os.lseek(fd, data, os.SEEK_HOLE)
-            os.lseek(fd, data, os.SEEK_SET)
-            while data < hole:
-                n = f.readinto(buf[:min(len(buf), hole - data)]) or 0
-                if not n:
-                    raise OSError(f"{path} shrank while it was being hashed")
-                h.update(buf[:n])
-                data += n
-            pos = hole
-    return h.hexdigest()
 
 
 def _align(n: int, to: int) -> int:

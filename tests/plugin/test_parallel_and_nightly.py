@@ -63,6 +63,16 @@ def test_hil_nightly_refuses_a_broken_rig_file(tmp_path: Path) -> None:
     assert "bad.toml: emmc: is missing" in done.stderr
 
 
+def test_hil_nightly_help_lists_every_suite_that_runs() -> None:
+    done = hil("nightly", "--help", timeout=60)
+    assert done.returncode == 0, done.stderr
+    suites = sorted((Path(__file__).resolve().parents[2] / "suites").glob("test_*.py"))
+    assert len(suites) >= 5
+    for suite in suites:  # each with its title, read from the file
+        title = suite.read_text().split('"""')[1].split(":")[0].split("\n")[0]
+        assert suite.name in done.stdout and title in " ".join(done.stdout.split()), suite.name
+
+
 def _result(folder: Path, name: str, status: str, message: str = "", rig: str = "r1") -> None:
     data = {"name": name, "status": status, "labels": [{"name": "rig", "value": rig}],
             "statusDetails": {"message": message}}

@@ -47,7 +47,8 @@ def names(result: dict[str, Any]) -> tuple[list[str], list[str]]:
 def test_suites_on_a_virtual_cm4_leave_steps_attachments_and_environment(
         pytester: pytest.Pytester, make_rig: Callable[..., Path], tmp_path: Path, suites: list[str]) -> None:
     results, junit = tmp_path / "allure-results", tmp_path / "junit.xml"
-    run = pytester.runpytest_subprocess(*PLUGIN, *suites, "--rig", str(make_rig("plug-run")),
+    rig = make_rig("plug-run")
+    run = pytester.runpytest_subprocess(*PLUGIN, *suites, "--rig", str(rig),
                              "--alluredir", str(results), "--junitxml", str(junit))
     run.assert_outcomes(passed=11)
     by_name = results_of(results)
@@ -63,6 +64,16 @@ def test_suites_on_a_virtual_cm4_leave_steps_attachments_and_environment(
         assert attachment in every_attachment
     assert sum(s.startswith("flash test-cm4") for s in every_step) == 1  # written once, then reused
     assert any("is already on the eMMC of plug-run" in s for s in every_step)
+    for name, result in by_name.items():  # each test shows the evidence of what it uses, not only the first
+        fixtures = {p["name"] for p in result["steps"]}
+        if "flashed" in fixtures:
+            assert {"flash and verify figures", "USB transfer trace"} <= set(names(result)[1]), name
+        if "booted" in fixtures:
+            assert {"console slice", "boot-time figures"} <= set(names(result)[1]), name
+        assert [p["value"] for p in result["parameters"]] == [f"'plug-run ({rig})'"]  # not PosixPath('...')
+    afters = [a["name"] for path in results.glob("*-container.json")
+              for a in json.loads(path.read_text()).get("afters", [])]
+    assert "station (teardown)" in afters and not [a for a in afters if "<lambda>" in a or "::" in a]
     props = (results / "environment.properties").read_text()
     for line in ("rig=plug-run", "module.model=cm4 (bcm2711)", "usb.port=9-1.4", "usb.host_controller=xhci_hcd 8086",
                  "image.sha256=", "image.build_id=", "payload=", "host.kernel=Linux"):
@@ -116,11 +127,11 @@ def test_failures_carry_their_fault_and_a_broken_rig_is_taken_out(failing_run: t
 
     wrong = by_name["test_boots_another_build[plug-good]"]
     assert wrong["status"] == "failed"
-    assert wrong["statusDetails"]["message"].startswith("hil.fixtures.faults.ModuleFailure: [product] [boot.build-id]")
+    assert wrong["statusDetails"]["message"].startswith("[product] [boot.build-id]")  # no class name
 
     first = by_name["test_boots_another_build[plug-usb]"]  # the flash failed for the rig's sake: retried once
     assert first["status"] == "broken"
-    assert first["statusDetails"]["message"].startswith("hil.fixtures.faults.RigFailure: [infrastructure] [usbboot.")
+    assert first["statusDetails"]["message"].startswith("[infrastructure] [usbboot.")
     steps, attachments = names(first)
     assert "usbboot" in steps and "usbboot (attempt 2 of 2)" in steps
     assert "usbboot error" in attachments and "usbboot error (attempt 2)" in attachments
@@ -130,7 +141,7 @@ def test_failures_carry_their_fault_and_a_broken_rig_is_taken_out(failing_run: t
     assert names(again)[0].count("usbboot") == 0
 
     garbled = by_name["test_console_alive[plug-garbled]"]
-    assert garbled["statusDetails"]["message"].startswith("hil.fixtures.faults.RigFailure: [infrastructure]")
+    assert garbled["statusDetails"]["message"].startswith("[infrastructure]")
     for test in ("test_boots_another_build", "test_flashed"):
         skipped = by_name[f"{test}[plug-garbled]"]
         assert skipped["status"] == "skipped"
