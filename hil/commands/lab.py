@@ -46,6 +46,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     common(reserve)
     reserve.set_defaults(func=_reserve)
 
+    run = cmds.add_parser("run", help="the nightly on every place matching tags, in parallel; one merged report",
+                          description="Runs `hil nightly` for each online place whose tags match, on its controller, "
+                          "all at once; each takes its rig's lock (the place) for this CI job. The results are "
+                          "labelled with rig, controller and site and merged into one Allure report, whose history "
+                          "(history.jsonl beside the run folders) carries over from run to run.")
+    run.add_argument("tags", nargs="*", metavar="TAG=VALUE", help="e.g. model=cm4 site=room-2 (none: every place)")
+    run.add_argument("--report-dir", type=Path, metavar="DIR", help="default: reports/lab/<date-time>/")
+    run.add_argument("--history", type=Path, metavar="FILE", help="Allure history file (default: beside DIR)")
+    run.add_argument("--single-file", action="store_true", help="one index.html that opens from disk")
+    run.add_argument("--pytest-args", nargs=argparse.REMAINDER, default=[], metavar="...",
+                     help="the rest goes to each nightly's pytest (e.g. --pytest-args -k selfcheck)")
+    common(run)
+    run.set_defaults(func=_run)
+
     release = cmds.add_parser("release", help="release a place this CI job holds (--kick: whoever holds it)")
     release.add_argument("place")
     release.add_argument("--kick", action="store_true", help="release it even if another job holds it")
@@ -125,3 +139,14 @@ def _release(args: argparse.Namespace) -> int:
             lab.cancel(view.reservation)
     print(f"{args.place} released (was held by {view.acquired})")
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from hil.lab.run import run_lab, summary
+
+    result = run_lab(_address(args), parse_tags(args.tags), allow_remote=args.allow_remote_coordinator,
+                     report_dir=args.report_dir, history=args.history, single_file=args.single_file,
+                     extra=args.pytest_args)
+    print(summary(result))
+    print(f"report: {result.index}" if result.index else "report: not rendered (no results)")
+    return result.exit_code

@@ -100,7 +100,7 @@ def lab_rig(tmp_path: Path, coordinator: str) -> Callable[..., Path]:
     def make(name: str, port: str, *, tags: dict[str, str] | None = None, model: str = "cm4") -> Path:
         lab = {"lock": "labgrid", "coordinator": coordinator, **({"tags": tags} if tags else {})}
         path = tmp_path / f"{name}.toml"
-        path.write_text(virtual_rig_toml(name, model, port, state_dir=tmp_path / "state", extra={"lab": lab}))
+        path.write_text(virtual_rig_toml(name, model, port, state_dir=tmp_path / "state" / name, extra={"lab": lab}))
         return path
 
     return make

@@ -1,0 +1,138 @@
+"""``hil lab run``: the nightly on every place matching tags, on the controllers that hold the rigs, in parallel;
+then one Allure report of all of them, with history.
+
+Each place's nightly is an ordinary ``hil nightly --rig RIG_FILE`` on its controller, so it takes the rig's own
+lock (the labgrid place, when the rig file says so) in the name of this CI job: the lab run adds no lock of its
+own. Every result is labelled with its rig, controller and site before the results are merged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from hil.errors import InfrastructureError, InputError
+from hil.lab.coordinator import STAGE, Coordinator, PlaceView
+from hil.nightly import REPORTS, Outcome, read_outcome
+from hil.report import render_report
+
+HISTORY = "history.jsonl"
+
+
+@dataclass
+class PlaceRun:
+    place: str
+    rig: str
+    controller: str
+    site: str
+    report: Path
+    exit_code: int
+    seconds: float
+
+
+@dataclass
+class LabRun:
+    report: Path  # allure-results/ (merged), html/, one folder per controller and rig
+    index: Path | None
+    runs: list[PlaceRun]
+    outcome: Outcome
+
+    @property
+    def exit_code(self) -> int:
+        return max([r.exit_code for r in self.runs] + [int(self.outcome.exit_code)], default=0)
+
+
+def matching_places(lab: Coordinator, tags: Mapping[str, str]) -> list[PlaceView]:
+    """The online places with these tags that stand for a rig; none is a mistake in the tags."""
+    views = [v for v in lab.places().values() if v.matches(tags) and v.rig]
+    online = [v for v in views if v.available]
+    if not online:
+        offline = ", ".join(v.name for v in views)
+        raise InputError(f"no online place matches {' '.join(f'{k}={v}' for k, v in tags.items()) or '(any)'}"
+                         + (f" ({offline}: exporter offline)" if offline else "")
+                         + ". Fix: check the tags with `hil lab list`, and that the controllers run `hil lab serve`",
+                         stage=STAGE)
+    return sorted(online, key=lambda v: v.name)
+
+
+def controller_command(view: PlaceView, report: Path, extra: Sequence[str]) -> list[str]:
+    """``hil nightly`` for the place's rig file, on its controller. Only controllers on this host are reached."""
+    host = str(view.rig.get("host", ""))
+    if host and host != socket.gethostname():
+        raise InfrastructureError(f"place {view.name} is on controller {view.rig.get('controller')} (host {host}), "
+                                  "and running on another host is not built yet. Fix: run `hil lab run` on that "
+                                  "controller, or restrict the tags to this host's controllers", stage=STAGE,
+                                  place=view.name)
+    return [sys.executable, "-m", "hil.cli", "nightly", "--rig", str(view.rig["rig_file"]), "--report-dir",
+            str(report), *(["--", *extra] if extra else [])]
+
+
+def label_results(results: Path, labels: Mapping[str, str]) -> int:
+    """Add ``labels`` (controller, site) to every result in ``results``; returns how many results."""
+    count = 0
+    for path in results.glob("*-result.json"):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        have = {label.get("name") for label in data.get("labels", [])}
+        data.setdefault("labels", []).extend({"name": k, "value": v} for k, v in labels.items() if k not in have)
+        path.write_text(json.dumps(data), encoding="utf-8")
+        count += 1
+    return count
+
+
+def run_lab(address: str, tags: Mapping[str, str], *, allow_remote: bool = False, report_dir: Path | None = None,
+            history: Path | None = None, single_file: bool = False, extra: Sequence[str] = ()) -> LabRun:
+    with Coordinator(address, allow_remote=allow_remote) as lab:
+        places = matching_places(lab, tags)
+    root = (report_dir or REPORTS / "lab" / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HIL_LAB_COORDINATOR": address}
+    jobs = []
+    for view in places:
+        controller = str(view.rig.get("controller", "-"))
+        report = root / controller / view.name
+        jobs.append((view, controller, report, controller_command(view, report, extra)))
+
+    def run_one(job: tuple[PlaceView, str, Path, list[str]]) -> PlaceRun:
+        view, controller, report, command = job
+        started = time.monotonic()
+        log = root / f"{controller}-{view.name}.log"
+        with open(log, "w", encoding="utf-8") as out:
+            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, check=False).returncode
+        return PlaceRun(view.name, str(view.rig.get("rig", view.name)), controller, str(view.rig.get("site", "")),
+                        report, code, time.monotonic() - started)
+
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        runs = list(pool.map(run_one, jobs))
+    merged = root / "allure-results"
+    shutil.rmtree(merged, ignore_errors=True)
+    merged.mkdir()
+    for run in runs:
+        results = run.report / "allure-results"
+        if not results.is_dir():
+            continue
+        label_results(results, {"controller": run.controller, "site": run.site or "-", "place": run.place})
+        for item in results.iterdir():
+            if item.is_file():
+                shutil.copy2(item, merged / item.name)  # Allure names its files by UUID: no clashes
+    outcome = read_outcome(merged)
+    index = None
+    if any(merged.glob("*-result.json")):
+        history = history or root.parent / HISTORY
+        index = render_report(merged, root / "html", single_file=single_file, history=history,
+                              name=f"cm-hil lab: {', '.join(sorted({r.controller for r in runs}))}")
+    return LabRun(root, index, runs, outcome)
+
+
+def summary(result: LabRun) -> str:
+    lines = [f"{r.place:<16} {r.controller:<12} {r.site or '-':<10} exit {r.exit_code}  {r.seconds:.1f} s"
+             for r in result.runs]
+    return "\n".join([*lines, result.outcome.summary()])
