@@ -9,6 +9,7 @@ to a process that no longer exists.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import re
@@ -180,7 +181,7 @@ class Coordinator:
                                       stage=STAGE) from None
         holder = self.holder
 
-        class _Session(ClientSession):  # type: ignore[misc]
+        class _Session(ClientSession):
             def gethostname(self) -> str:
                 return holder.host
 
@@ -201,10 +202,8 @@ class Coordinator:
         if loop is None or session is None:
             return
         for step in (session.stop(), session.close()):
-            try:
+            with contextlib.suppress(Exception):  # a coordinator that went away is already closed
                 loop.run_until_complete(asyncio.wait_for(step, 5.0))
-            except Exception:  # noqa: S110 - a coordinator that went away is already closed
-                pass
 
     def __enter__(self) -> Coordinator:
         return self.open()

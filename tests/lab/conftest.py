@@ -6,6 +6,7 @@ every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -40,10 +41,8 @@ class Processes:
         return child
 
     def kill(self, child: subprocess.Popen[str], sig: int = signal.SIGKILL) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, sig)
-        except ProcessLookupError:
-            pass
         try:
             child.wait(10)
         except subprocess.TimeoutExpired:
