@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,10 +21,8 @@ from pathlib import Path
 
 from hil.errors import InfrastructureError, InputError
 from hil.lab.coordinator import STAGE, Coordinator, PlaceView
-from hil.nightly import REPORTS, Outcome, read_outcome
+from hil.nightly import Outcome, read_outcome, reports_root
 from hil.report import render_report
-
-HISTORY = "history.jsonl"
 
 
 @dataclass
@@ -41,7 +38,7 @@ class PlaceRun:
 
 @dataclass
 class LabRun:
-    report: Path  # allure-results/ (merged), html/, one folder per controller and rig
+    report: Path  # html/ (the merged report), CONTROLLER/PLACE/ (each nightly's own), their logs
     index: Path | None
     runs: list[PlaceRun]
     outcome: Outcome
@@ -73,7 +70,7 @@ def controller_command(view: PlaceView, report: Path, extra: Sequence[str]) -> l
                                   "controller, or restrict the tags to this host's controllers", stage=STAGE,
                                   place=view.name)
     return [sys.executable, "-m", "hil.cli", "nightly", "--rig", str(view.rig["rig_file"]), "--report-dir",
-            str(report), *(["--", *extra] if extra else [])]
+            str(report), "--no-history", *(["--", *extra] if extra else [])]  # the merged report keeps history
 
 
 def label_results(results: Path, labels: Mapping[str, str]) -> int:
@@ -92,7 +89,7 @@ def run_lab(address: str, tags: Mapping[str, str], *, allow_remote: bool = False
             history: Path | None = None, single_file: bool = False, extra: Sequence[str] = ()) -> LabRun:
     with Coordinator(address, allow_remote=allow_remote) as lab:
         places = matching_places(lab, tags)
-    root = (report_dir or REPORTS / "lab" / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    root = (report_dir or reports_root() / "lab" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HIL_LAB_COORDINATOR": address}
     jobs = []
@@ -112,22 +109,21 @@ def run_lab(address: str, tags: Mapping[str, str], *, allow_remote: bool = False
 
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         runs = list(pool.map(run_one, jobs))
-    merged = root / "allure-results"
-    shutil.rmtree(merged, ignore_errors=True)
-    merged.mkdir()
+    folders = []
+    outcome = Outcome()
     for run in runs:
         results = run.report / "allure-results"
-        if not results.is_dir():
-            continue
-        label_results(results, {"controller": run.controller, "site": run.site or "-", "place": run.place})
-        for item in results.iterdir():
-            if item.is_file():
-                shutil.copy2(item, merged / item.name)  # Allure names its files by UUID: no clashes
-    outcome = read_outcome(merged)
+        if results.is_dir() and label_results(results, {"controller": run.controller, "site": run.site or "-",
+                                                         "place": run.place}):
+            folders.append(results)
+            part = read_outcome(results)
+            outcome.statuses.update(part.statuses)
+            outcome.by_rig.update(part.by_rig)
+            outcome.faults.extend(part.faults)
     index = None
-    if any(merged.glob("*-result.json")):
-        history = history or root.parent / HISTORY
-        index = render_report(merged, root / "html", single_file=single_file, history=history,
+    if folders:
+        index = render_report(folders, root / "html", single_file=single_file,
+                              history=history or root.parent / "history.jsonl",
                               name=f"cm-hil lab: {', '.join(sorted({r.controller for r in runs}))}")
     return LabRun(root, index, runs, outcome)
 

@@ -132,7 +132,7 @@ def test_lab_run_runs_each_matching_place_on_its_controller_into_one_report(two_
               "--pytest-args", "-k", "test_power_switch_toggles or test_console_is_alive", timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     labels = []
-    for path in (report / "allure-results").glob("*-result.json"):
+    for path in report.glob("*/*/allure-results/*-result.json"):
         data = json.loads(path.read_text())
         assert data["status"] == "passed"
         labels.append({label["name"]: label["value"] for label in data["labels"]})
