@@ -143,3 +143,31 @@ def test_lab_run_runs_each_matching_place_on_its_controller_into_one_report(two_
     assert index.is_file() and "ctl-1" in index.read_text() and "ctl-2" in index.read_text()
     assert (report.parent / "history.jsonl").read_text().strip()  # the next run's report shows this one
     assert set(holders(coordinator).values()) == {""}  # each nightly released its place
+
+
+def test_the_exporter_config_describes_each_rig_for_labgrid(tmp_path: Path, lab_rig) -> None:  # type: ignore[no-untyped-def]
+    import yaml
+
+    a = lab_rig("lab-c", "23-1", tags={"carrier": "cm4io"})
+    out = tmp_path / "exporter.yaml"
+    argv, env = hil_command("lab", "serve", "--controller", "ctl-3", "--site", "room-3", "--rig", str(a),
+                            "--config-out", str(out), "--coordinator", "10.1.2.3:20408")
+    refused = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert refused.returncode == 2 and "loopback" in refused.stderr and not out.exists()  # refused before writing
+
+    from hil.lab.exporter import exporter_config, places
+    from hil.rig import load_rig
+
+    rig = load_rig(a)
+    config = yaml.safe_load(yaml.safe_dump(exporter_config([rig], controller="ctl-3", site="room-3")))
+    group = config["lab-c"]
+    assert group["location"] == "room-3/ctl-3"
+    params = group["CmHilRig"]
+    assert params["rig_file"] == str(a.resolve()) and params["controller"] == "ctl-3"
+    assert params["usb_port"] == "23-1" and params["console"] == rig.console.device
+    assert (params["power_gpio"], params["nrpi_boot_gpio"], params["eeprom_nwp_gpio"]) == (17, 27, 22)
+    assert all(isinstance(v, str | int | float | bool) for v in params.values())  # what labgrid can carry
+    place = places([rig], controller="ctl-3", site="room-3")["lab-c"]
+    assert place["match"] == "ctl-3/lab-c/CmHilRig"
+    assert place["tags"] == {"model": "cm4", "rig": "lab-c", "controller": "ctl-3", "site": "room-3",
+                             "carrier": "cm4io"}
