@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--controller", required=True, help="this controller's name in the lab (the exporter's)")
     serve.add_argument("--site", default="", help="where the controller stands, e.g. room-2 (a place tag)")
     serve.add_argument("--config-out", type=Path, metavar="FILE", help="also write the exporter config here")
+    serve.add_argument("--host", default="", help="the name other machines reach this controller by over ssh "
+                       "(default: this host's name)")
     common(serve)
     serve.set_defaults(func=_serve)
 
@@ -55,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--report-dir", type=Path, metavar="DIR", help="default: reports/lab/<date-time>/")
     run.add_argument("--history", type=Path, metavar="FILE", help="Allure history file (default: beside DIR)")
     run.add_argument("--single-file", action="store_true", help="one index.html that opens from disk")
+    run.add_argument("--image", action="append", default=[], metavar="[MODEL=]IMAGE",
+                     help="the image to flash (copied once to each controller and cached there)")
     run.add_argument("--pytest-args", nargs=argparse.REMAINDER, default=[], metavar="...",
                      help="the rest goes to each nightly's pytest (e.g. --pytest-args -k selfcheck)")
     common(run)
@@ -88,7 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
     rigs = load_rigs(args.rig)
     address, allow = lab_coordinator(rigs, args.coordinator, args.allow_remote_coordinator)
     return serve(rigs, address, controller=args.controller, site=args.site, allow_remote=allow,
-                 config_out=args.config_out)
+                 config_out=args.config_out, host=args.host)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -146,7 +150,7 @@ def _run(args: argparse.Namespace) -> int:
 
     result = run_lab(_address(args), parse_tags(args.tags), allow_remote=args.allow_remote_coordinator,
                      report_dir=args.report_dir, history=args.history, single_file=args.single_file,
-                     extra=args.pytest_args)
+                     images=args.image, extra=args.pytest_args)
     print(summary(result))
     print(f"report: {result.index}" if result.index else "report: not rendered (no results)")
     return result.exit_code

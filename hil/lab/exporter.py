@@ -14,22 +14,31 @@ gpiozero pin factories).
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from hil.errors import InputError
 from hil.lab.coordinator import RIG_RESOURCE, STAGE
+from hil.nightly import reports_root
 from hil.rig import Rig
 
+#: This checkout of cm-hil: where a controller's commands run.
+WORKDIR = Path(__file__).resolve().parents[2]
 
-def rig_params(rig: Rig, *, controller: str, site: str) -> dict[str, Any]:
+
+def rig_params(rig: Rig, *, controller: str, site: str, host: str = "") -> dict[str, Any]:
     """What the lab needs to know of one rig, and where to run its flows (the controller and its rig file).
     Flat scalars only: that is what labgrid's resource parameters carry."""
     params: dict[str, Any] = {
         "rig": rig.name,
         "rig_file": str(rig.path.resolve()),
         "controller": controller,
-        "host": socket.gethostname(),
+        "host": host or socket.gethostname(),  # how the lab reaches this controller (ssh)
+        "python": sys.executable,
+        "workdir": str(WORKDIR),
+        "reports": str(reports_root().resolve()),  # where its runs' reports and its image cache go
         "site": site,
         "model": rig.model.name,
         "usb_port": rig.usb_port,
@@ -58,7 +67,7 @@ def place_match(rig: Rig, *, controller: str) -> str:
     return f"{controller}/{rig.name}/{RIG_RESOURCE}"
 
 
-def exporter_config(rigs: Iterable[Rig], *, controller: str, site: str = "") -> dict[str, Any]:
+def exporter_config(rigs: Iterable[Rig], *, controller: str, site: str = "", host: str = "") -> dict[str, Any]:
     """The exporter's resource configuration (labgrid's YAML, as data)."""
     config: dict[str, Any] = {}
     for rig in rigs:
@@ -67,7 +76,7 @@ def exporter_config(rigs: Iterable[Rig], *, controller: str, site: str = "") -> 
                              "its resource group and place)", stage=STAGE)
         rig_site = rig.lab.site or site
         config[rig.name] = {"location": f"{rig_site}/{controller}" if rig_site else controller,
-                            RIG_RESOURCE: rig_params(rig, controller=controller, site=rig_site)}
+                            RIG_RESOURCE: rig_params(rig, controller=controller, site=rig_site, host=host)}
     return config
 
 

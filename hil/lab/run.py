@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from hil.errors import InfrastructureError, InputError
-from hil.lab.coordinator import STAGE, Coordinator, PlaceView
+from hil.errors import InputError
+from hil.lab.controllers import Controller
+from hil.lab.coordinator import STAGE, Coordinator, Holder, PlaceView
 from hil.nightly import Outcome, read_outcome, reports_root
 from hil.report import render_report
 
@@ -61,16 +60,10 @@ def matching_places(lab: Coordinator, tags: Mapping[str, str]) -> list[PlaceView
     return sorted(online, key=lambda v: v.name)
 
 
-def controller_command(view: PlaceView, report: Path, extra: Sequence[str]) -> list[str]:
-    """``hil nightly`` for the place's rig file, on its controller. Only controllers on this host are reached."""
-    host = str(view.rig.get("host", ""))
-    if host and host != socket.gethostname():
-        raise InfrastructureError(f"place {view.name} is on controller {view.rig.get('controller')} (host {host}), "
-                                  "and running on another host is not built yet. Fix: run `hil lab run` on that "
-                                  "controller, or restrict the tags to this host's controllers", stage=STAGE,
-                                  place=view.name)
-    return [sys.executable, "-m", "hil.cli", "nightly", "--rig", str(view.rig["rig_file"]), "--report-dir",
-            str(report), "--no-history", *(["--", *extra] if extra else [])]  # the merged report keeps history
+def _put(controller: Controller, item: str) -> str:
+    """``[MODEL=]IMAGE`` with IMAGE's path on the controller."""
+    model, eq, path = item.rpartition("=")
+    return f"{model}{eq}{controller.put_image(Path(path))}"
 
 
 def label_results(results: Path, labels: Mapping[str, str]) -> int:
@@ -86,29 +79,38 @@ def label_results(results: Path, labels: Mapping[str, str]) -> int:
 
 
 def run_lab(address: str, tags: Mapping[str, str], *, allow_remote: bool = False, report_dir: Path | None = None,
-            history: Path | None = None, single_file: bool = False, extra: Sequence[str] = ()) -> LabRun:
+            history: Path | None = None, single_file: bool = False, images: Sequence[str] = (),
+            extra: Sequence[str] = ()) -> LabRun:
     with Coordinator(address, allow_remote=allow_remote) as lab:
         places = matching_places(lab, tags)
-    root = (report_dir or reports_root() / "lab" / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    root = (report_dir or reports_root() / "lab" / stamp).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HIL_LAB_COORDINATOR": address}
-    jobs = []
-    for view in places:
-        controller = str(view.rig.get("controller", "-"))
-        report = root / controller / view.name
-        jobs.append((view, controller, report, controller_command(view, report, extra)))
+    job = Holder.this_process().job
+    controllers = {c.name: c for c in (Controller.of(v) for v in places)}
+    # each image travels once per controller, before any run starts
+    images_on = {name: [_put(c, item) for item in images] for name, c in controllers.items()}
 
-    def run_one(job: tuple[PlaceView, str, Path, list[str]]) -> PlaceRun:
-        view, controller, report, command = job
+    def run_one(view: PlaceView) -> PlaceRun:
+        controller = controllers[str(view.rig["controller"])]
+        local = root / controller.name / view.name
+        there = local if controller.is_here else f"{controller.reports}/lab-runs/{stamp}/{view.name}"
+        args = ["nightly", "--rig", str(view.rig["rig_file"]), "--report-dir", str(there), "--no-history"]
+        for item in images_on[controller.name]:
+            args += ["--image", item]
+        command = controller.hil(*args, *(["--", *extra] if extra else []),
+                                 env={"HIL_HOLDER": job, "HIL_LAB_COORDINATOR": address})
         started = time.monotonic()
-        log = root / f"{controller}-{view.name}.log"
-        with open(log, "w", encoding="utf-8") as out:
-            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, check=False).returncode
-        return PlaceRun(view.name, str(view.rig.get("rig", view.name)), controller, str(view.rig.get("site", "")),
-                        report, code, time.monotonic() - started)
+        with open(root / f"{controller.name}-{view.name}.log", "w", encoding="utf-8") as out:
+            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False,
+                                  env={**os.environ, "HIL_HOLDER": job, "HIL_LAB_COORDINATOR": address}).returncode
+        if not controller.is_here:
+            controller.fetch(str(there), local)
+        return PlaceRun(view.name, str(view.rig.get("rig", view.name)), controller.name,
+                        str(view.rig.get("site", "")), local, code, time.monotonic() - started)
 
-    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        runs = list(pool.map(run_one, jobs))
+    with ThreadPoolExecutor(max_workers=len(places)) as pool:
+        runs = list(pool.map(run_one, places))
     folders = []
     outcome = Outcome()
     for run in runs:

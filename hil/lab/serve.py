@@ -39,10 +39,10 @@ def lab_coordinator(rigs: Sequence[Rig], given: str | None, allow_remote: bool) 
     return coordinator_address(address, allow_remote=allow), allow
 
 
-def write_config(rigs: Sequence[Rig], folder: Path, *, controller: str, site: str) -> Path:
+def write_config(rigs: Sequence[Rig], folder: Path, *, controller: str, site: str, host: str = "") -> Path:
     """The exporter configuration as a 0600 file in ``folder`` (a private folder this process made)."""
     path = folder / "exporter.yaml"
-    text = yaml.safe_dump(exporter_config(rigs, controller=controller, site=site), sort_keys=False)
+    text = yaml.safe_dump(exporter_config(rigs, controller=controller, site=site, host=host), sort_keys=False)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
@@ -57,16 +57,16 @@ def declare_places(rigs: Sequence[Rig], address: str, *, controller: str, site: 
 
 
 def serve(rigs: Sequence[Rig], address: str, *, controller: str, site: str, allow_remote: bool,
-          config_out: Path | None = None) -> int:
+          config_out: Path | None = None, host: str = "") -> int:
     """Declare the places, then run labgrid's exporter until it ends or this process is told to stop."""
     folder = Path(tempfile.mkdtemp(prefix=f"cm-hil-exporter-{controller}-"))  # 0700, ours
     try:
-        config = write_config(rigs, folder, controller=controller, site=site)
+        config = write_config(rigs, folder, controller=controller, site=site, host=host)
         if config_out is not None:
             shutil.copyfile(config, config_out)
         declare_places(rigs, address, controller=controller, site=site, allow_remote=allow_remote)
         command = [sys.executable, "-m", "labgrid.remote.exporter", "-c", address, "-n", controller,
-                   "--hostname", socket.gethostname(), str(config)]
+                   "--hostname", host or socket.gethostname(), str(config)]
         child = subprocess.Popen(command)
         print(f"hil lab: exporter {controller} (pid {child.pid}) serves {', '.join(r.name for r in rigs)} "
               f"to {address}", flush=True)

@@ -107,12 +107,15 @@ def lab_rig(tmp_path: Path, coordinator: str) -> Callable[..., Path]:
 
 @pytest.fixture
 def serve(processes: Processes, coordinator: str, tmp_path: Path) -> Callable[..., subprocess.Popen[str]]:
-    """serve(controller, rig files, site="") -> ``hil lab serve`` running, its places online."""
+    """serve(controller, rig files, site="", host="") -> ``hil lab serve`` running, its places online; its
+    reports (and image cache) under the test's folder."""
     from hil.lab.coordinator import Coordinator
 
-    def start(controller: str, rigs: list[Path], site: str = "") -> subprocess.Popen[str]:
+    def start(controller: str, rigs: list[Path], site: str = "", host: str = "") -> subprocess.Popen[str]:
         argv, env = hil_command("lab", "serve", "--controller", controller, "--coordinator", coordinator,
-                                *(["--site", site] if site else []), "--rig", *map(str, rigs))
+                                *(["--site", site] if site else []), *(["--host", host] if host else []),
+                                "--rig", *map(str, rigs))
+        env["HIL_REPORTS_DIR"] = str(tmp_path / f"reports-{controller}")
         log = tmp_path / f"exporter-{controller}.log"
         child = processes.start(argv, env=env, log=log)
         names = {p.stem for p in rigs}

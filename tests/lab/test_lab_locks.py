@@ -3,7 +3,6 @@ the refusal of a coordinator off loopback. Everything through the ``hil`` comman
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -123,26 +122,6 @@ def test_a_coordinator_off_loopback_is_refused_unless_allowed(tmp_path: Path) ->
     listing = hil("lab", "list", "--coordinator", "192.0.2.7")
     assert listing.returncode == 2 and "loopback" in listing.stderr
     assert time.monotonic() - started < 10  # refused before any connection attempt
-
-
-def test_lab_run_runs_each_matching_place_on_its_controller_into_one_report(two_controllers, coordinator: str,
-                                                                             tmp_path: Path) -> None:
-    report = tmp_path / "reports" / "run-1"
-    run = hil("lab", "run", "--coordinator", coordinator, "carrier=cm4io", "--report-dir", str(report),
-              "--pytest-args", "-k", "test_power_switch_toggles or test_console_is_alive", timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    labels = []
-    for path in report.glob("*/*/allure-results/*-result.json"):
-        data = json.loads(path.read_text())
-        assert data["status"] == "passed"
-        labels.append({label["name"]: label["value"] for label in data["labels"]})
-    by_rig = {(x["rig"], x["controller"], x["site"]) for x in labels}
-    assert by_rig == {("lab-a", "ctl-1", "room-1"), ("lab-b", "ctl-2", "room-2")}
-    assert len(labels) == 4  # two tests on each rig
-    index = report / "html" / "index.html"
-    assert index.is_file() and "ctl-1" in index.read_text() and "ctl-2" in index.read_text()
-    assert (report.parent / "history.jsonl").read_text().strip()  # the next run's report shows this one
-    assert set(holders(coordinator).values()) == {""}  # each nightly released its place
 
 
 def test_the_exporter_config_describes_each_rig_for_labgrid(tmp_path: Path, lab_rig) -> None:  # type: ignore[no-untyped-def]
