@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,10 +97,12 @@ def coordinator(processes: Processes, tmp_path: Path) -> str:
 def lab_rig(tmp_path: Path, coordinator: str) -> Callable[..., Path]:
     """lab_rig(name, port, tags=None) -> a virtual rig file whose lock is the lab's place."""
 
-    def make(name: str, port: str, *, tags: dict[str, str] | None = None, model: str = "cm4") -> Path:
+    def make(name: str, port: str, *, tags: dict[str, str] | None = None, model: str = "cm4",
+             emmc: str = "64MiB", extra: dict[str, Any] | None = None) -> Path:
         lab = {"lock": "labgrid", "coordinator": coordinator, **({"tags": tags} if tags else {})}
         path = tmp_path / f"{name}.toml"
-        path.write_text(virtual_rig_toml(name, model, port, state_dir=tmp_path / "state" / name, extra={"lab": lab}))
+        path.write_text(virtual_rig_toml(name, model, port, state_dir=tmp_path / "state" / name, emmc=emmc,
+                                         extra={**(extra or {}), "lab": lab}))
         return path
 
     return make
