@@ -90,6 +90,11 @@ class PlaceLock:
             self._release_place()
             raise
 
+    def holder(self) -> str | None:
+        """Who holds the place now (labgrid's ``HOST/USER``), or None when it is free."""
+        with self._connect() as lab:
+            return lab.place(self.place).acquired
+
     def release(self) -> None:
         try:
             self.local.release()
