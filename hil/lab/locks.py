@@ -42,7 +42,7 @@ class PlaceLock:
     def __init__(self, rig: Rig, *, holder: Holder | None = None, timeout: float = 10.0):
         self.rig = rig
         self.place = rig.lab.place or rig.name
-        self.holder = holder or Holder.this_process()
+        self.identity = holder or Holder.this_process()
         self.timeout = timeout
         self.local = RigLock(rig)
         self.recovered: str | None = None  # a dead holder's place we released on the way in
@@ -50,14 +50,14 @@ class PlaceLock:
         self._borrowed = False  # our job already holds the place (hil lab reserve): use it, leave it held
 
     def _connect(self) -> Coordinator:
-        return Coordinator(self.rig.lab.coordinator, holder=self.holder, timeout=self.timeout,
+        return Coordinator(self.rig.lab.coordinator, holder=self.identity, timeout=self.timeout,
                            allow_remote=self.rig.lab.allow_remote_coordinator)
 
     def acquire(self, wait: float = 0.0) -> None:
         if self._held or self._borrowed:
             return
         deadline = time.monotonic() + wait
-        job_holder = str(Holder(self.holder.host, self.holder.job))
+        job_holder = str(Holder(self.identity.host, self.identity.job))
         with self._connect() as lab:
             while True:
                 view = lab.place(self.place)
@@ -107,6 +107,6 @@ class PlaceLock:
             return
         try:
             with self._connect() as lab:
-                lab.release(self.place, holder=str(self.holder))
+                lab.release(self.place, holder=str(self.identity))
         except InfrastructureError as e:  # the next acquire on this host releases it once we are gone
             log.warning("could not release labgrid place %s: %s", self.place, e)
