@@ -51,8 +51,8 @@ def test_lab_run_runs_each_place_on_its_controller_into_one_report(serve, lab_ri
     image.write_bytes(os.urandom(1 << 20))
     report = tmp_path / "reports" / "run-1"
     run = hil("lab", "run", "--coordinator", coordinator, "carrier=cm4io", "--report-dir", str(report),
-              "--image", f"cm4={image}", "--pytest-args", "-k", "test_power_switch_toggles or test_console_is_alive",
-              timeout=300)
+              "--image", f"cm4={image}", "--pytest-args", "-k",
+              "test_power_switch_toggles or test_boot_mode_line_toggles", timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
 
     labels = []
