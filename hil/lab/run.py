@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from hil.errors import InputError
+from hil.errors import ExitCode, InputError
 from hil.lab.controllers import Controller
 from hil.lab.coordinator import STAGE, Coordinator, Holder, PlaceView
 from hil.nightly import Outcome, read_outcome, reports_root
@@ -104,6 +104,8 @@ def run_lab(address: str, tags: Mapping[str, str], *, allow_remote: bool = False
         with open(root / f"{controller.name}-{view.name}.log", "w", encoding="utf-8") as out:
             code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False,
                                   env={**os.environ, "HIL_HOLDER": job, "HIL_LAB_COORDINATOR": address}).returncode
+        if code not in (0, 2, 3, 4):  # killed, or ssh failed (255): the controller's fault, not the module's
+            code = int(ExitCode.INFRASTRUCTURE)
         if not controller.is_here:
             controller.fetch(str(there), local)
         return PlaceRun(view.name, str(view.rig.get("rig", view.name)), controller.name,
