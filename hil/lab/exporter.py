@@ -41,9 +41,9 @@ def rig_params(rig: Rig, *, controller: str, site: str, host: str = "") -> dict[
         "reports": str(reports_root().resolve()),  # where its runs' reports and its image cache go
         "site": site,
         "model": rig.model.name,
-        "usb_port": rig.usb_port,
-        "usb_ports": ",".join(rig.usb_ports),
-        "console": rig.console.device,
+        "usb_port": str(rig.usb_port),
+        "usb_ports": ",".join(str(p) for p in rig.usb_ports),
+        "console": str(rig.console.device),
         "console_baud": rig.console.baud,
         "power": rig.power.backend,
         "virtual": rig.is_virtual,

@@ -28,6 +28,9 @@ class RigLockBackend(Protocol):
 
     def acquire(self, wait: float = 0.0) -> None: ...
 
+    def holder(self) -> str | None:
+        """Who holds the rig now, as the backend names it; None when it is free."""
+
     def release(self) -> None: ...
 
 
@@ -91,9 +94,10 @@ class PlaceLock:
             raise
 
     def holder(self) -> str | None:
-        """Who holds the place now (labgrid's ``HOST/USER``), or None when it is free."""
+        """Who holds the place (labgrid's ``HOST/USER``), else the local lock; None when both are free."""
         with self._connect() as lab:
-            return lab.place(self.place).acquired
+            held = lab.place(self.place).acquired
+        return f"{held} (labgrid place {self.place})" if held else self.local.holder()
 
     def release(self) -> None:
         try:
