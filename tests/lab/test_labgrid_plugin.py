@@ -1,9 +1,6 @@
 """The labgrid plugins: a labgrid environment with a RemotePlace drives a rig of the loopback lab through
-CmHilStrategy (boot and prove the build, then off), in a pytest run under labgrid's own pytest plugin, while the
-place is held by the labgrid client that acquired it.
-
-The module's eMMC is written beforehand, as a module that came flashed: ``hil flash`` does not yet bring a
-virtual rig up by itself (the rig session will), so the strategy's flash step is not run here."""
+CmHilStrategy (flash, boot and prove the build, then off), in a pytest run under labgrid's own pytest plugin,
+while the place is held by the labgrid client that acquired it."""
 
 from __future__ import annotations
 
@@ -29,9 +26,8 @@ def test_a_labgrid_environment_flashes_and_boots_a_lab_rig(serve, lab_rig, coord
 
     rig = lab_rig("lab-p", "24-1", emmc="128MiB")
     serve("ctl-1", [rig])
-    emmc = tmp_path / "state" / "lab-p" / "emmc.img"  # the virtual module's eMMC
-    emmc.parent.mkdir(parents=True, exist_ok=True)
-    built = hil("image", "build", str(emmc), "--model", "cm4", "--size", "96MiB", "--build-id", "lab0build1")
+    image = tmp_path / "test.img"
+    built = hil("image", "build", str(image), "--model", "cm4", "--size", "96MiB", "--build-id", "lab0build1")
     assert built.returncode == 0, built.stderr
 
     argv, env = hil_command()
@@ -45,6 +41,8 @@ options:
   coordinator_address: "{coordinator}"
 imports:
   - hil.lab.labgrid_plugin
+images:
+  root: "{image}"
 targets:
   main:
     resources:
@@ -53,7 +51,7 @@ targets:
     drivers:
       CmHilDriver: {{}}
       CmHilStrategy:
-        image: ""
+        image: root
 """)
     (tmp_path / "test_with_labgrid.py").write_text(TEST)
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--lg-env",
