@@ -49,7 +49,7 @@ if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[dev]'
+.venv/bin/python -m pip install -q -e '.[dev,lab]'
 # The arm64 kernel and busybox the bootable CM3 test image is built from (virtual CM3 under QEMU); cached.
 $SUDO scripts/fetch-guest.sh
 

@@ -11,7 +11,8 @@ from importlib.metadata import PackageNotFoundError, version
 from hil.errors import HilError
 
 #: Modules under hil.commands, each with ``register(subparsers)``; later issues add theirs here.
-COMMAND_MODULES = ("rig", "image", "usbboot", "virtual", "rigcontrol", "flash", "nightly", "matrix", "eeprom", "report")
+COMMAND_MODULES = ("rig", "image", "usbboot", "virtual", "rigcontrol", "flash", "nightly", "matrix", "eeprom", "report",
+                   "lab")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -167,6 +167,23 @@ class Virtual:
     relay_rest: Mapping[str, bool] = field(default_factory=dict)
 
 
+LOCK_BACKENDS = ("local", "labgrid")
+_TAG_KEY = re.compile(r"^[a-z][a-z0-9_]+$")  # what labgrid accepts as a tag key
+
+
+@dataclass(frozen=True)
+class Lab:
+    """How the rig is shared: ``local`` (a lock on this controller) or ``labgrid`` (a place on the lab's
+    coordinator, named ``place``, tagged with the model, rig, site and ``tags``)."""
+
+    lock: str = "local"
+    coordinator: str = "127.0.0.1:20408"
+    place: str = ""
+    site: str = ""
+    tags: Mapping[str, str] = field(default_factory=dict)
+    allow_remote_coordinator: bool = False
+
+
 @dataclass(frozen=True)
 class Customise:
     """``[customise]``: how the written image is prepared and logged into, as Raspberry Pi Imager's OS
@@ -201,6 +218,7 @@ class Rig:
     usb_boot: UsbBootOptions = field(default_factory=UsbBootOptions)
     #: USB port -> the command that connects the module to it (a USB switch, uhubctl), for ``hil matrix``
     usb_select: Mapping[UsbPort, tuple[str, ...]] = field(default_factory=dict)
+    lab: Lab = field(default_factory=Lab)
 
     @property
     def usb_port(self) -> UsbPort:
@@ -424,10 +442,41 @@ def _parse(file: Path, raw: dict[str, Any], check_devices: bool) -> Rig:
         forbidden = forbidden + tuple(extra_forbidden)
         b.done()
     customise = _customise(top.table("customise"), model)
+    lab_t = top.table("lab")
+    lab = _lab(lab_t, name) if lab_t else Lab(place=name)
     top.done()
     return Rig(name=name, path=file, model=model, emmc_size=emmc_size, relays=relays, usb_ports=ports,
                payload=payload, console=console, timeouts=timeouts, markers=markers, forbidden=forbidden,
-               virtual=virtual, power=power, customise=customise, usb_boot=usb_boot, usb_select=usb_select)
+               virtual=virtual, power=power, customise=customise, usb_boot=usb_boot, usb_select=usb_select,
+               lab=lab)
+
+
+def _lab(t: _Table, rig_name: str) -> Lab:
+    from hil.lab.coordinator import check_address
+
+    lock = t.get("lock", str, "local")
+    if lock not in LOCK_BACKENDS:
+        raise t.fail("lock", f"unknown lock backend {lock!r}", f"use one of {', '.join(LOCK_BACKENDS)}")
+    allow = t.get("allow_remote_coordinator", bool, False)
+    coordinator = t.get("coordinator", str, "127.0.0.1:20408")
+    coordinator, problem, fix = check_address(coordinator, allow_remote=allow)
+    if problem:
+        raise t.fail("coordinator", problem, fix)
+    place = t.get("place", str, rig_name)
+    if not _RIG_NAME.match(place):
+        raise t.fail("place", f"{place!r} is not a usable place name", "use letters, digits, '-', '_' or '.'")
+    site = t.get("site", str, "")
+    tags: dict[str, str] = {}
+    sub = t.table("tags")
+    for key in sub.data if sub else ():
+        assert sub is not None
+        value = sub.get(key, str, fix=f'write {key} = "value"')
+        if not _TAG_KEY.match(key):
+            raise sub.fail(key, "is not a labgrid tag key", "use lowercase letters, digits and '_', starting with "
+                           "a letter, at least two characters")
+        tags[key] = value
+    t.done()
+    return Lab(lock, coordinator, place, site, tags, allow)
 
 
 #: Markers the framework itself reads besides DEFAULT_MARKERS (hil.control.bootconfirm.BUILD_ID_MARKER).

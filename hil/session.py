@@ -24,8 +24,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
-from hil.control.lifecycle import Lifecycle, RigLock
+from hil.control.lifecycle import Lifecycle
 from hil.errors import InfrastructureError
+from hil.lab.locks import rig_lock
 from hil.rig import Rig, load_rig
 
 BODY_GROUP = "cm_hil.rig_bodies"
@@ -84,7 +85,7 @@ class RigSession:
         self.switches = switches
         self.body: Any = None  # what the rig's body yielded (a virtual rig), or None for hardware
         if rerun is not None:  # a busy rig is refused at once, not after a body's imports and re-run
-            probe = RigLock(self.rig)
+            probe = rig_lock(self.rig)
             probe.acquire(lock_wait)
             probe.release()
         self._body_kind = find_body(self.rig)
@@ -95,7 +96,8 @@ class RigSession:
         self._work: Path | None = None
 
     def open(self) -> RigSession:
-        lock = RigLock(self.rig)  # before the body: a second user must not touch its console or eMMC
+        # the rig file picks the lock; before the body: a second user must not touch its console or eMMC
+        lock = rig_lock(self.rig)
         lock.acquire(self.lock_wait)
         try:
             self._stack.callback(lock.release)

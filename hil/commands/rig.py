@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from hil.control.lifecycle import RigLock, StateFile
+from hil.control.lifecycle import StateFile
 from hil.control.power import power_switch
 from hil.control.restcheck import read_rest
 from hil.errors import HilError
+from hil.lab.locks import rig_lock
 from hil.rig import describe, load_rig
 
 
@@ -45,7 +46,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     rig = load_rig(args.rig, check_devices=False)
-    holder = RigLock(rig).holder()
+    holder = rig_lock(rig).holder()
     print(f"rig        {rig.name}  ({rig.path})")
     print(f"lock       {'held by ' + holder if holder else 'free'}")
     left = StateFile(rig).read()

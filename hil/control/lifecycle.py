@@ -42,6 +42,7 @@ from hil.runtime import open_private, private_dir
 from hil.usbboot.selection import Identity
 
 if TYPE_CHECKING:
+    from hil.lab.locks import RigLockBackend
     from hil.usbboot.host import UsbBootResult
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ class Lifecycle:
     """The module of one rig. Use as a context manager; every method is safe to call again."""
 
     def __init__(self, rig: Rig, *, log_dir: Path | None = None, usb_backend: Any = None,
-                 handle_signals: bool = True, lock_wait: float = 0.0, lock: RigLock | None = None):
+                 handle_signals: bool = True, lock_wait: float = 0.0, lock: RigLockBackend | None = None):
         """``lock``: the rig's lock, already held by a caller that must own the rig before it opens anything
         else (a virtual module, say); the caller then releases it, after this lifecycle has closed."""
         self.rig = rig
@@ -185,7 +186,9 @@ class Lifecycle:
         self.flashed_build_id: str | None = None
         self.flashed_facts: BootFacts | None = None  # what the image written here shows at boot
         self._state = ModuleState.OFF
-        self._lock = lock or RigLock(rig)
+        from hil.lab.locks import rig_lock  # the rig file picks the backend (hil.lab imports this module)
+
+        self._lock = lock or rig_lock(rig)
         self._own_lock = lock is None
         self._state_file = StateFile(rig)
         self._power: PowerSwitch | None = None
