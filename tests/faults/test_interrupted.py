@@ -25,7 +25,7 @@ def test_ctrl_c_late_in_a_flash_leaves_a_module_that_does_not_boot(tmp_path: Pat
     image = open_image(small_image.path, 256 * MiB, bmap=None)  # planned by its filesystems: every chunk written
     interrupted_at: list[int] = []
 
-    def ctrl_c(position: int, size: int | None, written: int, seconds: float) -> None:
+    def ctrl_c(position: int, size: int | None, written: int, mapped: int | None, seconds: float) -> None:
         if not interrupted_at and position >= small_image.size - 8 * MiB:  # the table and build-id went long ago
             interrupted_at.append(position)
             os.kill(os.getpid(), signal.SIGINT)

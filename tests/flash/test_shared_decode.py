@@ -63,7 +63,7 @@ def test_a_second_flash_follows_the_running_decode(built: BuiltImage, tmp_path: 
     follower = threading.Thread(target=lambda: results.update(
         second=write_to_file(xz, tmp_path / "second.img", cache)))
 
-    def slow_leader(position: int, size: int | None, written: int, seconds: float) -> None:
+    def slow_leader(position: int, size: int | None, written: int, mapped: int | None, seconds: float) -> None:
         if not follower.is_alive() and "second" not in results:
             follower.start()  # joins while the first flash has decoded only its first chunk,
             writing(tmp_path / "second.img")  # and the decode waits until the second flash writes

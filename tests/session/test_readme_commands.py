@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parents[2]
 KEEP = ("--report-dir", "--attempts")  # optional parts kept: reports in tmp_path, one boot per port
 PORT = "1-1.4"
 #: The order a user would follow: an image before it is flashed, a flash before the boot that proves it.
-ORDER = ("rig", "image", "virtual", "power", "console", "usbboot", "flash", "boot", "eeprom", "matrix", "nightly")
+ORDER = ("--version", "rig", "image", "virtual", "power", "console", "usbboot", "flash", "boot", "eeprom", "matrix",
+         "nightly", "report")
 
 
 def readme_commands() -> list[str]:
@@ -90,7 +91,8 @@ def test_every_readme_command_works_as_written(rig: Path, tmp_path: Path) -> Non
               "IMAGE": str(tmp_path / "out.img"), "IMG": str(tmp_path / "out.img"), "1-1.3": PORT, "K": "1",
               "--payload DIR": str(payloads / "mass-storage-gadget64"), "--report-dir DIR": str(tmp_path / "night"),
               "--out DIR": str(tmp_path / "eeprom-out"), "IN.bin": str(payloads / "recovery" / "pieeprom.original.bin"),
-              "boot.conf": str(payloads / "recovery" / "boot.conf")}
+              "boot.conf": str(payloads / "recovery" / "boot.conf"),
+              "RESULTS...": str(tmp_path / "night" / "allure-results"), "REPORT": str(tmp_path / "again")}
     commands = sorted(readme_commands(), key=lambda c: ORDER.index(c.split()[1]))
     ran = []
     for command in commands:
