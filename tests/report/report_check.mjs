@@ -24,9 +24,12 @@ const browser = await chromium.launch({
   ],
 });
 const seen = { outside: [], errors: [], stops: {} };
+let closing = false;
+browser.on("disconnected", () => closing || seen.errors.push("the browser went away (it crashed)"));
 const deadline = setTimeout(async () => {
-  await browser.close();
   process.stderr.write(`gave up after ${DEADLINE_MS} ms: ${JSON.stringify(seen)}\n`);
+  closing = true;
+  await browser.close();
   process.exit(1);
 }, DEADLINE_MS);
 try {
@@ -65,7 +68,11 @@ try {
   await stop("test", () => page.getByText(spec.test, { exact: true }).first().click(), spec.step);
   await stop("step", () => page.getByText(spec.step, { exact: true }).first().click(), spec.attachment);
   await stop("attachment", () => page.getByText(spec.attachment, { exact: true }).first().click(), spec.content);
-  await page.goto(url);
+  try {
+    await page.goto(url);
+  } catch (error) {
+    seen.errors.push(`back home: ${error.message.split("\n")[0]}`);
+  }
   for (const [category, test] of Object.entries(spec.categories)) {
     await stop(`category ${category}`, async () => {
       await page.getByText(/^Categories\s*\d+$/).first().click();
@@ -74,6 +81,7 @@ try {
   }
 } finally {
   clearTimeout(deadline);
+  closing = true;
   await browser.close();
 }
 process.stdout.write(JSON.stringify(seen));

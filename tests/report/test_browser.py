@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from hil.hostenv import outside_umockdev
 from hil.report import render_report
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -62,11 +63,22 @@ def _look_at(url: str, sample: SimpleNamespace) -> dict:
             "Module (product) failures": "test_module_failure",
         },
     }
-    done = subprocess.run(
-        ["node", str(CHECK), url, json.dumps(spec)], capture_output=True, text=True, timeout=240, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
+    # The browser is a host program: outside umockdev's hooks (pytest runs under umockdev-wrapper, and a browser that
+    # watches udev inside the virtual rig's testbed races its uevents).
+    # A browser that crashed (seen once in a few full runs on a loaded machine, not reproduced alone) is looked at
+    # once more; what the report shows is judged only from a browser that stayed up, and a second crash fails.
+    for attempt in (1, 2):
+        done = subprocess.run(
+            ["node", str(CHECK), url, json.dumps(spec)], capture_output=True, text=True, timeout=240, check=False,
+            env=outside_umockdev(),
+        )
+        crashed = "went away" in done.stdout + done.stderr or "has been closed" in done.stderr
+        if done.returncode == 0 and not crashed:
+            return json.loads(done.stdout)
+        if attempt == 2 or not crashed:
+            break
+        print(f"the browser crashed; looking again: {done.stderr[-2000:]}")
+    raise AssertionError(done.stderr or done.stdout)
 
 
 def _check(seen: dict, sample: SimpleNamespace) -> None:
