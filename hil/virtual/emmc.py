@@ -94,7 +94,8 @@ class _FuseLoop:
         self.mountpoint.mkdir(exist_ok=True)
         self._log = os.fdopen(open_private(self.workdir / "server.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb")
         self._server = subprocess.Popen(
-            [sys.executable, "-m", "hil.virtual.throttlefs", str(self.image), str(self.mountpoint)],
+            [sys.executable, "-m", "hil.virtual.throttlefs", str(self.image), str(self.mountpoint),
+             "--parent", str(os.getpid())],
             env=outside_umockdev(), stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True)
         self._await_mount(size)

@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Iterable
@@ -176,11 +177,31 @@ class ThrottleFs(Operations):
         os.close(self._fd)
 
 
+def _end_with(parent: int, mountpoint: str) -> None:
+    """The process that started this server attached a loop device over its file and stops both when it closes
+    the eMMC. Killed (SIGKILL), it stops nothing, and with no later run over the same image nobody would: once
+    it is gone, let go of the loop device and the mount until FUSE() returns (it may not have mounted yet when
+    the parent died early)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    served = os.path.join(mountpoint, IMAGE_NAME)
+    while True:
+        listed = subprocess.run(["losetup", "--associated", served], capture_output=True, text=True, check=False)
+        for line in listed.stdout.splitlines():
+            subprocess.run(["losetup", "--detach", line.split(":", 1)[0]], capture_output=True, check=False)
+        subprocess.run(["fusermount", "-u", "-z", mountpoint], capture_output=True, check=False)
+        time.sleep(0.5)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("image", help="the eMMC image file to serve")
     parser.add_argument("mountpoint")
+    parser.add_argument("--parent", type=int, default=os.getppid(),
+                        help="the pid whose end ends this server (default: the parent, if it still runs)")
     args = parser.parse_args(argv)
+    threading.Thread(target=_end_with, args=(args.parent, args.mountpoint), name="end-with-parent",
+                     daemon=True).start()
     fs = ThrottleFs(args.image, State(0.0, 0.0))  # unlimited until the first control message
     FUSE(fs, args.mountpoint, foreground=True, direct_io=True, big_writes=True, max_write=MAX_WRITE,
          fsname="cm-hil-emmc", subtype="throttlefs")
