@@ -31,9 +31,14 @@ from labgrid.strategy import Strategy, StrategyError, never_retry
 
 from hil.lab.controllers import Controller
 
-_opt_int = attr.ib(default=None, validator=attr.validators.optional(attr.validators.instance_of(int)))
-_opt_bool = attr.ib(default=None, validator=attr.validators.optional(attr.validators.instance_of(bool)))
-_opt_str = attr.ib(default=None, validator=attr.validators.optional(attr.validators.instance_of(str)))
+
+def _text(default: str = "") -> Any:
+    """A text field (each field needs its own attr.ib: one shared instance would be one attribute to attrs)."""
+    return attr.ib(default=default, validator=attr.validators.instance_of(str))
+
+
+def _optional(kind: type) -> Any:
+    return attr.ib(default=None, validator=attr.validators.optional(attr.validators.instance_of(kind)))
 
 
 @target_factory.reg_resource
@@ -41,30 +46,30 @@ _opt_str = attr.ib(default=None, validator=attr.validators.optional(attr.validat
 class CmHilRig(Resource):
     """One rig as ``hil lab serve`` exports it (see :func:`hil.lab.exporter.rig_params`)."""
 
-    rig: str = attr.ib(default="", validator=attr.validators.instance_of(str))
-    rig_file: str = attr.ib(default="", validator=attr.validators.instance_of(str))
-    controller: str = attr.ib(default="", validator=attr.validators.instance_of(str))
-    host: str = attr.ib(default="", validator=attr.validators.instance_of(str))
-    python: str = attr.ib(default="", validator=attr.validators.instance_of(str))
-    workdir: str = attr.ib(default="", validator=attr.validators.instance_of(str))
-    reports: str = attr.ib(default="", validator=attr.validators.instance_of(str))
-    site: str = attr.ib(default="", validator=attr.validators.instance_of(str))
-    model: str = attr.ib(default="", validator=attr.validators.instance_of(str))
-    usb_port: str = attr.ib(default="", validator=attr.validators.instance_of(str))
-    usb_ports: str = attr.ib(default="", validator=attr.validators.instance_of(str))
-    console: str = attr.ib(default="", validator=attr.validators.instance_of(str))
-    console_baud: int | None = _opt_int
-    power: str = attr.ib(default="relay", validator=attr.validators.instance_of(str))
-    virtual: bool | None = _opt_bool
-    power_gpio: int | None = _opt_int
-    power_active_high: bool | None = _opt_bool
-    power_pin_factory: str | None = _opt_str
-    nrpi_boot_gpio: int | None = _opt_int
-    nrpi_boot_active_high: bool | None = _opt_bool
-    nrpi_boot_pin_factory: str | None = _opt_str
-    eeprom_nwp_gpio: int | None = _opt_int
-    eeprom_nwp_active_high: bool | None = _opt_bool
-    eeprom_nwp_pin_factory: str | None = _opt_str
+    rig: str = _text()
+    rig_file: str = _text()
+    controller: str = _text()
+    host: str = _text()
+    python: str = _text()
+    workdir: str = _text()
+    reports: str = _text()
+    site: str = _text()
+    model: str = _text()
+    usb_port: str = _text()
+    usb_ports: str = _text()
+    console: str = _text()
+    console_baud: int | None = _optional(int)
+    power: str = _text("relay")
+    virtual: bool | None = _optional(bool)
+    power_gpio: int | None = _optional(int)
+    power_active_high: bool | None = _optional(bool)
+    power_pin_factory: str | None = _optional(str)
+    nrpi_boot_gpio: int | None = _optional(int)
+    nrpi_boot_active_high: bool | None = _optional(bool)
+    nrpi_boot_pin_factory: str | None = _optional(str)
+    eeprom_nwp_gpio: int | None = _optional(int)
+    eeprom_nwp_active_high: bool | None = _optional(bool)
+    eeprom_nwp_pin_factory: str | None = _optional(str)
 
 
 def labgrid_holder() -> dict[str, str]:
@@ -133,7 +138,7 @@ class CmHilStrategy(Strategy):
     module was flashed in this session or ``image`` is empty (then it boots what the eMMC holds)."""
 
     bindings = {"rig": "CmHilDriver"}
-    image: str = attr.ib(default="root", validator=attr.validators.instance_of(str))
+    image: str = _text("root")
     status: str = attr.ib(default="unknown")
     boot_record: dict[str, Any] | None = None
 
