@@ -165,8 +165,12 @@ class Virtual:
     boot_engine: str = "model"
     #: relay line -> energised at rest on the virtual board, where it differs from the rig's declared rest
     relay_rest: Mapping[str, bool] = field(default_factory=dict)
+    #: how the module's USB side reaches the host: "umockdev" (faked behind libusb and udev in the process) or
+    #: "kernel" (commands run in a QEMU guest whose own Linux USB stack sees the module)
+    transport: str = "umockdev"
 
 
+TRANSPORTS = ("umockdev", "kernel")
 LOCK_BACKENDS = ("local", "labgrid")
 _TAG_KEY = re.compile(r"^[a-z][a-z0-9_]+$")  # what labgrid accepts as a tag key
 
@@ -690,6 +694,10 @@ def _virtual(t: _Table, rig_name: str) -> Virtual:
     if boot_engine not in ("model", "qemu"):
         raise t.fail("boot_engine", f"unknown boot engine {boot_engine!r}",
                      'use "model" (the simulated boot) or "qemu" (a real kernel under QEMU)')
+    transport = t.get("transport", str, "umockdev")
+    if transport not in TRANSPORTS:
+        raise t.fail("transport", f"unknown USB transport {transport!r}",
+                     'use "umockdev" (the default) or "kernel" (a QEMU guest with the Linux USB stack)')
     state = t.get("state_dir", str)
     state_dir = Path(state).expanduser() if state else Path(
         os.environ.get("HIL_STATE_DIR") or Path.home() / ".cache" / "cm-hil" / "virtual") / rig_name
@@ -728,7 +736,7 @@ def _virtual(t: _Table, rig_name: str) -> Virtual:
     relay_rest = _virtual_relays(t.table("relays"))
     t.done()
     return Virtual(speedup, state_dir, VirtualEmmc(write_bps, read_bps, tuple(errors), loop), usb_data, console_data,
-                   controllers, boot_engine, relay_rest)
+                   controllers, boot_engine, relay_rest, transport)
 
 
 def _controllers(t: _Table) -> dict[UsbPort, str]:

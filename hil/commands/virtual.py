@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "framework does; afterwards prints what the module went through.")
     run.add_argument("--rig", required=True, help="a virtual rig file, e.g. rigs/virtual-cm4.toml")
     run.add_argument("--boot-mode", choices=("usb", "emmc"), default="usb")
+    run.add_argument("--transport", choices=("umockdev", "kernel"), default="umockdev",
+                     help="umockdev: the module's USB devices are faked behind libusb and udev in this process "
+                     "(default); kernel: PROGRAM runs in a QEMU guest whose Linux USB stack (dummy_hcd, usbfs, "
+                     "usb-storage, udev) sees the module, with a usbmon trace of the run")
+    run.add_argument("--share", action="append", type=Path, default=[], metavar="DIR",
+                     help="with --transport kernel: a folder PROGRAM may write besides the project, the working "
+                     "folder and the HIL_*_DIR folders (repeatable)")
     run.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM ARGS...")
     run.set_defaults(func=_run)
 
@@ -66,15 +74,17 @@ def _run(args: argparse.Namespace) -> int:
     program = args.program[1:] if args.program[:1] == ["--"] else args.program
     if not program:
         raise InputError("no PROGRAM given; write: hil virtual run --rig RIG -- PROGRAM ARGS...", stage="virtual")
-    from hil.virtual.usb.umockdev_bus import UsbBus
+    from hil.virtual.usb.kernel_bus import kernel_transport
 
-    with _session(_virtual_rig(args.rig)) as (vrig, lifecycle):
-        rig = lifecycle.rig
+    rig = _virtual_rig(args.rig)
+    if args.transport == "kernel" and not kernel_transport():
+        return _run_in_guest(args, rig, program)
+    with _session(rig) as (vrig, lifecycle):
         if args.boot_mode == "usb":
             lifecycle.usb_boot()  # PROGRAM starts once the boot ROM is on the port
         else:
             lifecycle.power_on()
-        env = {**UsbBus.get().child_env(), "HIL_RUNTIME_DIR": str(runtime_dir())}
+        env = {**_child_env(), "HIL_RUNTIME_DIR": str(runtime_dir())}
         print(f"hil: virtual {rig.model.name} powered ({args.boot_mode} boot); USB port {rig.usb_port}, "
               f"console {rig.console.device}", file=sys.stderr)
         try:
@@ -84,6 +94,29 @@ def _run(args: argparse.Namespace) -> int:
         state = vrig.module.state
     print(_report(vrig, state), file=sys.stderr)
     return code
+
+
+def _child_env() -> dict[str, str]:
+    from hil.virtual.usb.kernel_bus import kernel_transport
+
+    if kernel_transport():
+        return dict(os.environ)  # the guest's own kernel has the devices: nothing to redirect
+    from hil.virtual.usb.umockdev_bus import UsbBus
+
+    return UsbBus.get().child_env()
+
+
+def _run_in_guest(args: argparse.Namespace, rig: Rig, program: list[str]) -> int:
+    """The same command in the kernel-transport guest; its usbmon trace and kernel log stay in the job folder."""
+    from hil.virtual.guest.vm import run_hil
+    from hil.virtual.usb.kernel_bus import root_port
+
+    root_port(rig.usb_port)  # a hub path cannot exist there: say so before the guest boots
+    if missing := [str(p) for p in args.share if not p.is_dir()]:
+        raise InputError(f"--share {', '.join(missing)}: no such folder", stage="virtual")
+    print(f"hil: starting the kernel-transport guest for {rig.name}", file=sys.stderr)
+    return run_hil(["virtual", "run", "--rig", str(Path(args.rig).resolve()), "--boot-mode", args.boot_mode, "--",
+                    *program], shares=tuple(args.share))
 
 
 def _report(vrig: VirtualRig, state: State) -> str:

@@ -15,20 +15,16 @@ dependency order (``modules.dep`` is made at install time, which never happens h
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import shutil
-import subprocess
-import tarfile
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hil.errors import InfrastructureError, InputError
+from hil.errors import InputError
 from hil.image.bootfs import boot_files
 from hil.image.build import BuiltImage, ImageSpec, build_image
-from hil.image.tools import need, tool_env
+from hil.image.debkit import cached_kit, extract, one_package, pack_initramfs
 
 STAGE = "image.bootable"
 MODELS = ("cm3", "cm3+")
@@ -150,29 +146,13 @@ def guest_cache() -> Path:
 def guest_kit(cache: Path | None = None) -> GuestKit:
     """The guest kit from the cached packages, unpacked on first use (a few seconds) and reused after."""
     cache = cache or guest_cache()
-    kernel_deb = _one(cache, "linux-image-*-arm64_*_arm64.deb")
-    busybox_deb = _one(cache, "busybox-static_*_arm64.deb")
+    kernel_deb = one_package(cache, "linux-image-*-arm64_*_arm64.deb", STAGE)
+    busybox_deb = one_package(cache, "busybox-static_*_arm64.deb", STAGE)
     release = kernel_deb.name.removeprefix("linux-image-").split("_", 1)[0]
     key = hashlib.sha256("\n".join([kernel_deb.name, busybox_deb.name, _INIT, *MODULES]).encode()).hexdigest()[:16]
-    kit = GuestKit(cache / f"kit-{key}", release)
-    if (kit.path / "complete").exists():
-        return kit
-    staging = Path(tempfile.mkdtemp(prefix=".kit-", dir=cache))
-    try:
-        staging.chmod(0o755)
-        _unpack(kernel_deb, busybox_deb, release, staging)
-        (staging / "complete").write_text(f"{kernel_deb.name}\n{busybox_deb.name}\n")
-        try:
-            staging.rename(kit.path)
-        except OSError:  # another process finished the same kit first
-            if not (kit.path / "complete").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    for old in cache.glob("kit-*"):  # from packages or an initramfs this code no longer makes
-        if old != kit.path:
-            shutil.rmtree(old, ignore_errors=True)
-    return kit
+    path = cached_kit(cache, "kit-", key, lambda staging: _unpack(kernel_deb, busybox_deb, release, staging),
+                      f"{kernel_deb.name}\n{busybox_deb.name}\n")
+    return GuestKit(path, release)
 
 
 def build_bootable(out: Path, spec: ImageSpec, kit: GuestKit | None = None) -> BuiltImage:
@@ -193,15 +173,6 @@ def build_bootable(out: Path, spec: ImageSpec, kit: GuestKit | None = None) -> B
     return build_image(out, spec, extra_boot=kit.boot, extra_root=add_root)
 
 
-def _one(cache: Path, pattern: str) -> Path:
-    found = sorted((cache / "debs").glob(pattern))
-    if len(found) != 1:
-        state = "is not" if not found else f"is there {len(found)} times"
-        raise InfrastructureError(f"{pattern} {state} in {cache / 'debs'}. Fix: run scripts/fetch-guest.sh "
-                                  "(with --refresh if there are several)", stage=STAGE, cache=str(cache))
-    return found[0]
-
-
 def _unpack(kernel_deb: Path, busybox_deb: Path, release: str, kit: Path) -> None:
     files = boot_files("cm3")
     wanted = {f"./boot/vmlinuz-{release}": kit / files.kernel,  # an uncompressed arm64 Image
@@ -210,8 +181,8 @@ def _unpack(kernel_deb: Path, busybox_deb: Path, release: str, kit: Path) -> Non
     modules = initramfs / "lib" / "modules"
     for module in MODULES:
         wanted[f"./lib/modules/{release}/kernel/{module}.ko"] = modules / f"{Path(module).name}.ko"
-    _extract(kernel_deb, wanted)
-    _extract(busybox_deb, {"./bin/busybox": kit / "busybox"})
+    extract(kernel_deb, wanted, STAGE)
+    extract(busybox_deb, {"./bin/busybox": kit / "busybox"}, STAGE)
     (initramfs / "bin").mkdir(parents=True)
     shutil.copy2(kit / "busybox", initramfs / "bin" / "busybox")
     (initramfs / "bin" / "sh").symlink_to("busybox")
@@ -220,47 +191,8 @@ def _unpack(kernel_deb: Path, busybox_deb: Path, release: str, kit: Path) -> Non
     names = " ".join(Path(m).name for m in MODULES)
     (initramfs / "init").write_text(_INIT.replace("@MODULES@", names))
     (initramfs / "init").chmod(0o755)
-    members = sorted(str(p.relative_to(initramfs)) for p in initramfs.rglob("*"))
-    archive = subprocess.run([need("cpio", "cpio"), "--create", "--format=newc", "--owner=0:0", "--reproducible",
-                              "--quiet"], input="\n".join(members).encode() + b"\n", capture_output=True,
-                             cwd=initramfs, env=tool_env(), check=False)
-    if archive.returncode:
-        raise InfrastructureError(f"cpio could not pack the initramfs: {archive.stderr.decode(errors='replace')}",
-                                  stage=STAGE)
-    (kit / INITRAMFS).write_bytes(gzip.compress(archive.stdout, compresslevel=6, mtime=0))
+    (kit / INITRAMFS).write_bytes(pack_initramfs(initramfs, STAGE))
     shutil.rmtree(initramfs)
-
-
-def _extract(deb: Path, wanted: dict[str, Path]) -> None:
-    """Copy the ``wanted`` members of a package's file tree (dpkg-deb reads any of its compressions)."""
-    proc = subprocess.Popen([need("dpkg-deb", "dpkg"), "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=tool_env())
-    assert proc.stdout is not None
-    left = dict(wanted)
-    try:
-        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
-            for member in tar:
-                target = left.pop(member.name, None)
-                if target is None or not member.isfile():
-                    continue
-                source = tar.extractfile(member)
-                assert source is not None
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with open(target, "wb") as f:
-                    shutil.copyfileobj(source, f)
-                target.chmod(member.mode & 0o755)
-                if not left:
-                    break
-    except tarfile.TarError as e:
-        raise InfrastructureError(f"{deb} is not a readable package ({e}). Fix: run scripts/fetch-guest.sh "
-                                  "--refresh", stage=STAGE) from None
-    finally:
-        proc.stdout.close()
-        proc.kill()
-        proc.wait()
-    if left:
-        raise InfrastructureError(f"{deb.name} lacks {', '.join(sorted(left))}: not the kernel or busybox this "
-                                  "image is made from. Fix: run scripts/fetch-guest.sh --refresh", stage=STAGE)
 
 
 def _root_tree(root: Path, kit: GuestKit) -> None:

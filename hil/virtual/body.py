@@ -12,9 +12,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hil.errors import InfrastructureError
+from hil.errors import InfrastructureError, InputError
 from hil.hostenv import umockdev_active
 from hil.rig import Rig
+from hil.virtual.usb.kernel_bus import kernel_transport
 
 if TYPE_CHECKING:
     from hil.virtual.rig import VirtualRig
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 def ensure_umockdev(argv: Sequence[str]) -> None:
     """Re-run this command under umockdev-wrapper, so libusb and udev see the virtual USB devices."""
-    if umockdev_active():
+    if umockdev_active() or kernel_transport():
         return
     wrapper = shutil.which("umockdev-wrapper")
     if wrapper is None:
@@ -39,6 +40,15 @@ class VirtualBody:
         return rig.virtual is not None
 
     def prepare(self, rig: Rig, rerun: Sequence[str] | None) -> None:
+        assert rig.virtual is not None
+        if rig.virtual.transport == "kernel" and not kernel_transport():
+            if rerun is None:
+                raise InputError(f"{rig.path} puts the module on the kernel USB transport, which runs in a QEMU "
+                                 "guest; run pytest with --usb-transport kernel", stage="virtual")
+            from hil.virtual.guest.vm import run_hil
+
+            sys.stdout.flush()
+            raise SystemExit(run_hil(rerun))  # the whole command, in the guest; nothing of it ran here
         if rerun is not None:
             ensure_umockdev(rerun)
 

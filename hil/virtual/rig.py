@@ -30,10 +30,13 @@ from hil.virtual.supply import supply_for
 from hil.virtual.timing import DeviceClock
 from hil.virtual.usb import sysfs
 from hil.virtual.usb.hostprofiles import DEFAULT_KIND, controller_spec
+from hil.virtual.usb.kernel_bus import kernel_transport
 
 if TYPE_CHECKING:
     from hil.virtual.desktop import Desktop
+    from hil.virtual.usb.kernel_bus import KernelBus
     from hil.virtual.usb.side import VirtualUsb
+    from hil.virtual.usb.umockdev_bus import UsbBus
 
 CABLE_WAIT = 2.0  # host seconds a module switched off may take to discharge before its cable moves
 
@@ -49,6 +52,14 @@ def validate(rig: Rig) -> None:
     if switches.duplicate_disk in rig.usb_ports:
         raise RigFileError(rig.path, "virtual.usb.duplicate_disk", f"{switches.duplicate_disk} is the rig's own port",
                            "name another port for the twin disk, e.g. one the rig does not list")
+    if rig.virtual.transport == "kernel":
+        for port in rig.usb_ports:
+            if UsbPort(port).ports != (1,):
+                raise RigFileError(rig.path, "usb.port", f"{port} is behind a hub; the kernel transport's dummy_hcd "
+                                   "buses have one root port each", 'use port = "1-1"')
+        if switches.duplicate_disk:
+            raise RigFileError(rig.path, "virtual.usb.duplicate_disk", "the kernel transport serves one device at a "
+                               "time through gadgetfs", 'remove the switch or use transport = "umockdev"')
     ConsoleFaults.from_rig(rig)
 
 
@@ -62,6 +73,18 @@ def _controllers(rig: Rig) -> None:
                                'write "KIND-PROFILE", e.g. "xhci-lenient" or "ehci-hypothesis-maxpacket"') from None
 
 
+def usb_bus() -> UsbBus | KernelBus:
+    """The bus the virtual module's USB side plugs into: the guest's dummy_hcd buses on the kernel transport,
+    else umockdev's testbed."""
+    if kernel_transport():
+        from hil.virtual.usb.kernel_bus import KernelBus
+
+        return KernelBus.get()
+    from hil.virtual.usb.umockdev_bus import UsbBus
+
+    return UsbBus.get()
+
+
 class VirtualRig:
     _running: ClassVar[dict[str, VirtualRig]] = {}
     _running_lock: ClassVar[threading.Lock] = threading.Lock()
@@ -73,7 +96,7 @@ class VirtualRig:
         validate(rig)
         self.rig = rig
         self.port = rig.usb_port  # where the module's USB cable is plugged in
-        self.want_usb = umockdev_active() if usb is None else usb
+        self.want_usb = (umockdev_active() or kernel_transport()) if usb is None else usb
         self.journal = Journal()
         self.clock = DeviceClock(rig.virtual.speedup)
         self.emmc = VirtualEmmc(rig.virtual.state_dir / "emmc.img", rig.emmc_size, rig.virtual.emmc, self.journal)
@@ -137,24 +160,22 @@ class VirtualRig:
         usb = self.module.usb
         if usb is not None and port != self.port:
             from hil.virtual.usb.side import VirtualUsb
-            from hil.virtual.usb.umockdev_bus import UsbBus
 
             assert isinstance(usb, VirtualUsb)
             if not self.module.wait_state(State.OFF, CABLE_WAIT):  # a module just switched off may still discharge
                 raise InfrastructureError(f"the virtual {self.rig.model.name} is {self.module.state}; power it off "
                                           f"before moving its USB cable to {port}", stage="virtual")
-            usb.port = UsbBus.get().port(port, self.controller(port), self.journal)
+            usb.port = usb_bus().port(port, self.controller(port), self.journal)
         self.port = port
         self.journal.record("usb", "cable", port=port, controller=self.controller(port))
 
     def _usb_side(self) -> VirtualUsb:
         from hil.virtual.usb.side import VirtualUsb
         from hil.virtual.usb.switches import parse_switches
-        from hil.virtual.usb.umockdev_bus import UsbBus
 
         assert self.rig.virtual is not None
         switches = parse_switches(self.rig.virtual.usb, self.rig.model, self.rig.path)
-        bus = UsbBus.get()
+        bus = usb_bus()
         for port in self.rig.usb_ports:  # every port's bus and controller exists, cabled or not, as on a host
             bus.port(port, self.controller(port), self.journal)
         nvme = None

@@ -126,6 +126,12 @@ class BootRom:
     def bulk_in(self, endpoint: int, length: int, cancel: threading.Event) -> bytes:
         raise Unresponsive("the boot ROM never sends bulk data")
 
+    def out_pending(self, endpoint: int) -> int:
+        """Bytes the ROM has armed its OUT endpoint for (what is announced and not yet received): a gadget
+        transport reads exactly that, as the ROM's USB block does."""
+        with self._cond:
+            return self._remaining if endpoint in self.descriptors.bulk_out and self._result is None else 0
+
     def wait_result(self) -> RomResult | None:
         """Block until the ROM leaves the bus; None when power was cut first."""
         with self._cond:

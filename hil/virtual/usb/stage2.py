@@ -109,6 +109,11 @@ class SecondStage:
     def bulk_in(self, endpoint: int, length: int, cancel: threading.Event) -> bytes:
         raise Unresponsive("the second stage never sends bulk data")
 
+    def out_pending(self, endpoint: int) -> int:
+        """Bytes the second stage has armed its OUT endpoint for (see :meth:`BootRom.out_pending`)."""
+        with self._cond:
+            return self._remaining if endpoint in self.descriptors.bulk_out else 0
+
     def _hand_out_request(self, setup: ControlSetup, cancel: threading.Event) -> bytes:
         if setup.wLength != REQUEST_SIZE:
             self._fault("request read length", wLength=setup.wLength)
