@@ -57,9 +57,6 @@ def validate(rig: Rig) -> None:
             if UsbPort(port).ports != (1,):
                 raise RigFileError(rig.path, "usb.port", f"{port} is behind a hub; the kernel transport's dummy_hcd "
                                    "buses have one root port each", 'use port = "1-1"')
-        if switches.duplicate_disk:
-            raise RigFileError(rig.path, "virtual.usb.duplicate_disk", "the kernel transport serves one device at a "
-                               "time through gadgetfs", 'remove the switch or use transport = "umockdev"')
     ConsoleFaults.from_rig(rig)
 
 

@@ -3,6 +3,10 @@ initramfs whose ``/init`` mounts the host's root read-only over 9p and runs one 
 
 The kernel package ships no ``modules.dep`` (depmod runs at install time, which never happens here), so the load
 order comes from each module's own ``depends=`` field, read out of its ``.modinfo`` bytes.
+
+Debian builds no raw_gadget (``CONFIG_USB_RAW_GADGET`` is not set), so the kit compiles it once, out of tree,
+from Debian's kernel source package against the same kernel's headers: two seconds of gcc, with the packages
+scripts/fetch-guest.sh downloads. Nothing of the kernel's source is kept beyond the built module.
 """
 
 from __future__ import annotations
@@ -11,11 +15,15 @@ import hashlib
 import os
 import re
 import shutil
+import subprocess
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from hil.errors import InfrastructureError
 from hil.image.bootable import guest_cache
 from hil.image.debkit import cached_kit, extract, members, one_package, pack_initramfs
+from hil.image.tools import need, tool_env
 
 STAGE = "virtual.guest"
 ARCH = "amd64"
@@ -23,7 +31,7 @@ ARCH = "amd64"
 #: What the guest loads, by module name; their dependencies are added in load order.
 MODULES = (
     "virtio_pci", "9pnet_virtio", "9p",  # the host's root and the shared folders
-    "dummy_hcd", "gadgetfs", "usb_f_mass_storage",  # the virtual module's side of the bus
+    "dummy_hcd", "usb_f_mass_storage",  # the virtual module's side of the bus (and raw_gadget, built here)
     "usbmon", "usb_storage", "sd_mod",  # the host's side: traces, and the disk as hardware makes it
     "loop", "fuse",  # the virtual eMMC: a FUSE speed model under a loop device, as on the umockdev transport
 )
@@ -54,7 +62,7 @@ while read -r tag path; do
   $B mount -t 9p -o "$opts" "$tag" "$R$path" || say "cannot share $path"
 done <$X/shares
 $B mount --move /dev $R/dev
-$B mkdir -p $R/dev/pts $R/dev/shm $R/dev/gadget
+$B mkdir -p $R/dev/pts $R/dev/shm
 $B mount -t devpts -o ptmxmode=666 devpts $R/dev/pts
 $B mount -t tmpfs shm $R/dev/shm
 $B mount --move /proc $R/proc
@@ -62,7 +70,6 @@ $B mount --move /sys $R/sys
 $B mount -t debugfs debugfs $R/sys/kernel/debug
 $B mount -t configfs configfs $R/sys/kernel/config
 $B insmod /lib/modules/dummy_hcd.ko $($B cat $X/dummy_hcd)
-$B mount -t gadgetfs gadgetfs $R/dev/gadget
 $B mkdir -p $R/run/hil-bin
 $B cp $B $R/run/hil-bin/busybox
 $B cat >$R/run/hil-bin/stage2 <<'STAGE2'
@@ -97,16 +104,40 @@ class KernelKit:
         return self.path / "initramfs.gz"
 
 
+@dataclass(frozen=True)
+class Packages:
+    kernel: Path
+    busybox: Path
+    headers: tuple[Path, ...]  # linux-headers-RELEASE, its -common and linux-kbuild
+    source: Path  # linux-source: raw_gadget.c
+
+    @property
+    def release(self) -> str:
+        return self.kernel.name.removeprefix("linux-image-").split("_", 1)[0]
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in (self.kernel, self.busybox, *self.headers, self.source)]
+
+
+def packages(cache: Path) -> Packages:
+    kernel = one_package(cache, f"linux-image-*-{ARCH}_*_{ARCH}.deb", STAGE)
+    release = kernel.name.removeprefix("linux-image-").split("_", 1)[0]
+    common = release.removesuffix(f"-{ARCH}") + "-common"
+    return Packages(kernel, one_package(cache, f"busybox-static_*_{ARCH}.deb", STAGE),
+                    (one_package(cache, f"linux-headers-{release}_*_{ARCH}.deb", STAGE),
+                     one_package(cache, f"linux-headers-{common}_*_all.deb", STAGE),
+                     one_package(cache, f"linux-kbuild-*_{ARCH}.deb", STAGE)),
+                    one_package(cache, "linux-source-*_all.deb", STAGE))
+
+
 def kernel_kit(cache: Path | None = None) -> KernelKit:
-    """The kit from the cached amd64 packages, made on first use (a few seconds) and reused after."""
+    """The kit from the cached amd64 packages, made on first use (about half a minute) and reused after."""
     cache = cache or guest_cache()
-    kernel_deb = one_package(cache, f"linux-image-*-{ARCH}_*_{ARCH}.deb", STAGE)
-    busybox_deb = one_package(cache, f"busybox-static_*_{ARCH}.deb", STAGE)
-    release = kernel_deb.name.removeprefix("linux-image-").split("_", 1)[0]
-    key = hashlib.sha256("\n".join([kernel_deb.name, busybox_deb.name, INIT, *MODULES]).encode()).hexdigest()[:16]
-    path = cached_kit(cache, f"{ARCH}-kit-", key, lambda staging: _build(kernel_deb, busybox_deb, release, staging),
-                      f"{kernel_deb.name}\n{busybox_deb.name}\n")
-    return KernelKit(path, release)
+    debs = packages(cache)
+    key = hashlib.sha256("\n".join([*debs.names, INIT, *MODULES]).encode()).hexdigest()[:16]
+    path = cached_kit(cache, f"{ARCH}-kit-", key, lambda staging: _build(debs, staging), "\n".join(debs.names))
+    return KernelKit(path, debs.release)
 
 
 def load_order(depends: dict[str, tuple[str, ...]], wanted: tuple[str, ...]) -> list[str]:
@@ -136,7 +167,8 @@ def module_name(path: str) -> str:
 _DEPENDS = re.compile(rb"(?:^|\0)depends=([A-Za-z0-9_,-]*)\0")
 
 
-def _build(kernel_deb: Path, busybox_deb: Path, release: str, kit: Path) -> None:
+def _build(debs: Packages, kit: Path) -> None:
+    kernel_deb, busybox_deb, release = debs.kernel, debs.busybox, debs.release
     prefix = f"./lib/modules/{release}/kernel/"
     depends: dict[str, tuple[str, ...]] = {}
     paths: dict[str, str] = {}
@@ -154,10 +186,61 @@ def _build(kernel_deb: Path, busybox_deb: Path, release: str, kit: Path) -> None
     extract(kernel_deb, {f"./boot/vmlinuz-{release}": kit / "vmlinuz",
                          **{paths[m]: initramfs / "lib" / "modules" / f"{m}.ko" for m in order}}, STAGE)
     extract(busybox_deb, {"./bin/busybox": initramfs / "bin" / "busybox"}, STAGE)
+    build_raw_gadget(debs, kit / "build", initramfs / "lib" / "modules" / "raw_gadget.ko")
+    shutil.rmtree(kit / "build")
     for folder in ("dev", "proc", "sys", "newroot"):
         (initramfs / folder).mkdir()
-    (initramfs / "modules").write_text(" ".join(order) + "\n")
+    (initramfs / "modules").write_text(" ".join([*order, "raw_gadget"]) + "\n")
     (initramfs / "init").write_text(INIT.replace("@LATE@", " ".join(LATE)))
     (initramfs / "init").chmod(0o755)
     (kit / "initramfs.gz").write_bytes(pack_initramfs(initramfs, STAGE))
     shutil.rmtree(initramfs)
+
+
+RAW_GADGET = ("drivers/usb/gadget/legacy/raw_gadget.c", "include/uapi/linux/usb/raw_gadget.h")
+
+
+def build_raw_gadget(debs: Packages, build: Path, out: Path) -> None:
+    """raw_gadget.ko for ``debs.release``: the headers packages unpacked side by side (their Makefile names the
+    -common tree by its installed path, pointed here instead), the two source files, kbuild's external-module
+    make."""
+    root = build / "root"
+    root.mkdir(parents=True)
+    for deb in debs.headers:
+        run_tool([need("dpkg-deb", "dpkg"), "-x", str(deb), str(root)], f"unpack {deb.name}")
+    headers = root / "usr" / "src" / f"linux-headers-{debs.release}"
+    makefile = headers / "Makefile"
+    makefile.write_text(makefile.read_text().replace("/usr/src/", f"{root}/usr/src/"))
+    module = build / "raw_gadget"
+    module.mkdir()
+    wanted = {name: module / Path(name).name for name in RAW_GADGET}
+    for member, tar in members(debs.source, STAGE):
+        if member.name.endswith(".tar.xz"):
+            with tarfile.open(fileobj=tar.extractfile(member), mode="r|xz") as src:
+                for inner in src:
+                    name = inner.name.split("/", 1)[-1]
+                    if name in wanted and inner.isfile():
+                        wanted.pop(name).write_bytes(src.extractfile(inner).read())  # type: ignore[union-attr]
+                        if not wanted:
+                            break
+            break
+    if wanted:
+        raise InfrastructureError(f"{debs.source.name} lacks {', '.join(wanted)}. Fix: run scripts/fetch-guest.sh "
+                                  "--refresh", stage=STAGE)
+    (module / "raw_gadget.h").rename(_uapi(module))
+    (module / "Kbuild").write_text("obj-m := raw_gadget.o\nccflags-y := -I$(src)/include\n")
+    run_tool([need("make", "make"), "-C", str(headers), f"M={module}", "modules"], "build raw_gadget")
+    shutil.copy2(module / "raw_gadget.ko", out)
+
+
+def _uapi(module: Path) -> Path:
+    folder = module / "include" / "uapi" / "linux" / "usb"
+    folder.mkdir(parents=True)
+    return folder / "raw_gadget.h"
+
+
+def run_tool(argv: list[str], what: str) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True, env=tool_env(), check=False)
+    if proc.returncode:
+        raise InfrastructureError(f"{what} failed: {(proc.stderr or proc.stdout).strip()[-600:]}. Fix: run ./setup.sh "
+                                  "(make, gcc) and scripts/fetch-guest.sh --refresh", stage=STAGE)

@@ -1,13 +1,13 @@
 """The kernel USB transport: the virtual module's ports on dummy_hcd buses inside the guest
 (:mod:`hil.virtual.guest`), so the host side is Linux's own usbcore, usbfs, usb-storage and usbmon.
 
-A ROM or second stage is served by :mod:`hil.virtual.usb.gadgetfs` from the same models as on the umockdev
+A ROM or second stage is served by :mod:`hil.virtual.usb.rawgadget` from the same models as on the umockdev
 transport; a mass-storage stage, whose disk the host kernel owns anyway, is the kernel's configfs
 f_mass_storage function with the model's identity (VID/PID, strings, SCSI INQUIRY) and its disks as LUNs
 backed by the virtual eMMC's block device, so the disk the framework writes is usb-storage's ``/dev/sdX``.
 
-dummy_hcd has no hubs: each bus ``N`` (``dummy_udc.<N-1>``) has one root port, ``N-1``, and gadgetfs serves
-one device at a time on the first of them, so a rig's USB port is ``1-1`` on this transport.
+dummy_hcd has no hubs: each bus ``N`` (``dummy_udc.<N-1>``) has one root port, ``N-1``; a rig's ports are
+``B-1`` on this transport.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import ClassVar
 from hil.errors import InfrastructureError, InputError
 from hil.usbport import UsbPort
 from hil.virtual.journal import Journal
-from hil.virtual.usb.device import BlockChild, UsbDeviceModel
-from hil.virtual.usb.gadgetfs import GadgetFsDevice
+from hil.virtual.usb.device import BlockChild, UsbDeviceModel, UsbIdentity
+from hil.virtual.usb.rawgadget import RawGadgetDevice, enable_wakeups
 
 STAGE = "usb.transport"
 CONFIGFS = Path("/sys/kernel/config/usb_gadget")
@@ -43,6 +43,45 @@ def root_port(port: str) -> int:
     return parsed.bus
 
 
+def gadget_identity(g: Path, ident: UsbIdentity) -> None:
+    """A configfs gadget folder with the device's IDs, strings and one configuration (``c.1``)."""
+    desc = ident.device_descriptor
+    g.mkdir()
+    for attr, offset in (("bcdUSB", 2), ("idVendor", 8), ("idProduct", 10), ("bcdDevice", 12)):
+        put(g / attr, f"0x{int.from_bytes(desc[offset:offset + 2], 'little'):04x}")
+    for attr, offset in (("bDeviceClass", 4), ("bDeviceSubClass", 5), ("bDeviceProtocol", 6)):
+        put(g / attr, f"0x{desc[offset]:02x}")
+    strings = g / "strings" / "0x409"
+    strings.mkdir(parents=True)
+    for attr, index in (("manufacturer", desc[14]), ("product", desc[15]), ("serialnumber", desc[16])):
+        if index and index in ident.strings:
+            put(strings / attr, ident.strings[index])
+    config = g / "configs" / "c.1"
+    config.mkdir(parents=True)
+    head = ident.config_descriptors[0]
+    put(config / "MaxPower", str(head[8] * 2))
+    put(config / "bmAttributes", f"0x{head[7]:02x}")
+
+
+def remove_gadget(g: Path) -> None:
+    """Take a gadget folder apart in the order configfs wants: links, functions, strings, configs."""
+    if not g.exists():
+        return
+    config = g / "configs" / "c.1"
+    for link in config.iterdir() if config.exists() else ():
+        if link.is_symlink():
+            link.unlink()
+    for function in sorted((g / "functions").iterdir()):
+        for lun in sorted(function.glob("lun.*"), reverse=True):
+            if lun.name != "lun.0":
+                lun.rmdir()
+        function.rmdir()
+    for folder in (g / "strings" / "0x409", config):
+        if folder.exists():
+            folder.rmdir()
+    g.rmdir()
+
+
 class MassStorageGadget:
     """A configfs gadget with one f_mass_storage function: the device's identity, one LUN per disk."""
 
@@ -53,25 +92,14 @@ class MassStorageGadget:
         self._luns = 0
 
     def start(self) -> None:
-        ident = self.identity
-        desc = ident.device_descriptor
         g = self.path
-        g.mkdir()
-        for attr, offset in (("bcdUSB", 2), ("idVendor", 8), ("idProduct", 10), ("bcdDevice", 12)):
-            _put(g / attr, f"0x{int.from_bytes(desc[offset:offset + 2], 'little'):04x}")
-        strings = g / "strings" / "0x409"
-        strings.mkdir(parents=True)
-        for attr, index in (("manufacturer", desc[14]), ("product", desc[15]), ("serialnumber", desc[16])):
-            if index and index in ident.strings:
-                _put(strings / attr, ident.strings[index])
-        config = g / "configs" / "c.1"
-        config.mkdir(parents=True)
+        gadget_identity(g, self.identity)
         function = g / "functions" / "mass_storage.0"
         function.mkdir(parents=True)
-        _put(function / "stall", "1")
-        self.update(ident.disks)
-        (config / "mass_storage.0").symlink_to(function)
-        _put(g / "UDC", self.udc)
+        put(function / "stall", "1")
+        self.update(self.identity.disks)
+        (g / "configs" / "c.1" / "mass_storage.0").symlink_to(function)
+        put(g / "UDC", self.udc)
 
     def update(self, disks: tuple[BlockChild, ...]) -> None:
         function = self.path / "functions" / "mass_storage.0"
@@ -80,26 +108,17 @@ class MassStorageGadget:
             if i >= self._luns and i:
                 lun.mkdir()
             self._luns = max(self._luns, i + 1)
-            _put(lun / "removable", "1")
-            _put(lun / "inquiry_string", f"{disk.vendor:<8.8}{disk.model:<16.16}0001")
-            _put(lun / "file", disk.target if disk.size else "")
+            put(lun / "removable", "1")
+            put(lun / "inquiry_string", f"{disk.vendor:<8.8}{disk.model:<16.16}0001")
+            put(lun / "file", disk.target if disk.size else "")
 
     def stop(self) -> None:
-        g = self.path
-        if not g.exists():
-            return
-        _put(g / "UDC", "")
-        link = g / "configs" / "c.1" / "mass_storage.0"
-        if link.is_symlink():
-            link.unlink()
-        for i in range(self._luns - 1, 0, -1):
-            (g / "functions" / "mass_storage.0" / f"lun.{i}").rmdir()
-        for folder in ("functions/mass_storage.0", "configs/c.1", "strings/0x409"):
-            (g / folder).rmdir()
-        g.rmdir()
+        if self.path.exists():
+            put(self.path / "UDC", "")
+        remove_gadget(self.path)
 
 
-def _put(path: Path, value: str) -> None:
+def put(path: Path, value: str) -> None:
     try:
         path.write_text(value + "\n")
     except OSError as e:
@@ -115,18 +134,16 @@ class KernelPort:
         self.udc = f"dummy_udc.{self.bus - 1}"
         self.journal = journal
         self._lock = threading.Lock()
-        self._device: GadgetFsDevice | MassStorageGadget | None = None
+        self._device: RawGadgetDevice | MassStorageGadget | None = None
 
     def attach(self, device: UsbDeviceModel) -> None:
         with self._lock:
             self._detach()
+            gadget: RawGadgetDevice | MassStorageGadget
             if device.identity.disks:
-                gadget: GadgetFsDevice | MassStorageGadget = MassStorageGadget(f"hil-{self.bus}", self.udc, device)
+                gadget = MassStorageGadget(f"hil-{self.bus}", self.udc, device)
             else:
-                if self.bus != 1:
-                    raise InputError(f"port {self.port}: gadgetfs serves the first dummy_hcd bus only; put the "
-                                     "module's cable on 1-1", stage=STAGE)
-                gadget = GadgetFsDevice(device)
+                gadget = RawGadgetDevice(device, self.udc)
             try:
                 gadget.start()
             except OSError as e:
@@ -159,6 +176,7 @@ class KernelBus:
     _instance: ClassVar[KernelBus | None] = None
 
     def __init__(self) -> None:
+        enable_wakeups()  # now, on the thread that opens the rig: later attaches run on the module's own thread
         self._ports: dict[str, KernelPort] = {}
 
     @classmethod
