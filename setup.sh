@@ -13,6 +13,8 @@ APT_PACKAGES=(
   usbutils                                          # lsusb: a non-Python program the tests run against the virtual rig
   chromium                                          # the browser that checks rendered reports (no download)
   qemu-system-arm cpio                              # the virtual CM3 that boots the flashed image with a real kernel
+  qemu-system-x86 udev make gcc-12 libc6-dev        # the kernel USB transport's guest: QEMU, udev in the guest, and
+                                                    # the raw_gadget module built from Debian's kernel source
 )
 
 SUDO=""

@@ -43,6 +43,10 @@ class RigBody(Protocol):
         """Make this process able to reach the body, before the lock is taken. ``rerun``: the command's
         arguments, for a body that re-runs the command in the environment it needs (None: it may not)."""
 
+    def rerun_elsewhere(self, rig: Rig, argv: Sequence[str], transport: str | None) -> int | None:
+        """Run the whole command (``python ARGV...``) where the body is reached from and return its exit code;
+        None: it runs here. ``transport``: one the command line asked for, over the rig file's."""
+
     def bring_up(self, rig: Rig) -> AbstractContextManager[Any]:
         """The body, live for the ``with`` block; what it yields is :attr:`RigSession.body`."""
 

@@ -108,15 +108,15 @@ def _child_env() -> dict[str, str]:
 
 def _run_in_guest(args: argparse.Namespace, rig: Rig, program: list[str]) -> int:
     """The same command in the kernel-transport guest; its usbmon trace and kernel log stay in the job folder."""
-    from hil.virtual.guest.vm import run_hil
+    from hil.virtual.guest.vm import run_python
     from hil.virtual.usb.kernel_bus import root_port
 
     root_port(rig.usb_port)  # a hub path cannot exist there: say so before the guest boots
     if missing := [str(p) for p in args.share if not p.is_dir()]:
         raise InputError(f"--share {', '.join(missing)}: no such folder", stage="virtual")
     print(f"hil: starting the kernel-transport guest for {rig.name}", file=sys.stderr)
-    return run_hil(["virtual", "run", "--rig", str(Path(args.rig).resolve()), "--boot-mode", args.boot_mode, "--",
-                    *program], shares=tuple(args.share))
+    return run_python(["-m", "hil.cli", "virtual", "run", "--rig", str(Path(args.rig).resolve()),
+                       "--boot-mode", args.boot_mode, "--", *program], shares=tuple(args.share))
 
 
 def _report(vrig: VirtualRig, state: State) -> str:

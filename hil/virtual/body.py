@@ -44,13 +44,21 @@ class VirtualBody:
         if rig.virtual.transport == "kernel" and not kernel_transport():
             if rerun is None:
                 raise InputError(f"{rig.path} puts the module on the kernel USB transport, which runs in a QEMU "
-                                 "guest; run pytest with --usb-transport kernel", stage="virtual")
-            from hil.virtual.guest.vm import run_hil
-
-            sys.stdout.flush()
-            raise SystemExit(run_hil(rerun))  # the whole command, in the guest; nothing of it ran here
+                                 "guest; give pytest the rig with --rig, and the run moves there", stage="virtual")
+            code = self.rerun_elsewhere(rig, ["-m", "hil.cli", *rerun], None)
+            raise SystemExit(code)  # the whole command ran in the guest; nothing of it here
         if rerun is not None:
             ensure_umockdev(rerun)
+
+    def rerun_elsewhere(self, rig: Rig, argv: Sequence[str], transport: str | None) -> int | None:
+        """On the kernel transport, the whole command runs in the QEMU guest (:mod:`hil.virtual.guest`)."""
+        assert rig.virtual is not None
+        if (transport or rig.virtual.transport) != "kernel" or kernel_transport():
+            return None
+        from hil.virtual.guest.vm import run_python
+
+        sys.stdout.flush()
+        return run_python(argv)
 
     @contextlib.contextmanager
     def bring_up(self, rig: Rig) -> Iterator[VirtualRig]:
