@@ -69,7 +69,11 @@ class PortEvidence:
         bus = UsbPort(self.port).bus
         self._mon_fd = self._open(self.usbmon / f"{bus}u", "usbmon", USBMON_HINT)
         if self._mon_fd is not None:
-            os.lseek(self._mon_fd, 0, os.SEEK_END)
+            try:
+                os.lseek(self._mon_fd, 0, os.SEEK_END)  # a file's older text is not this attempt's
+            except OSError as e:  # usbmon itself: not seekable, and a reader sees only events from its open on
+                if e.errno != errno.ESPIPE:
+                    raise
             self._thread = threading.Thread(target=self._drain_usbmon, name=f"usbmon-{bus}", daemon=True)
             self._thread.start()
         return self

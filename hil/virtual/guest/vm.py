@@ -9,9 +9,11 @@ Writes reach the host only in the shared folders (the project, the working folde
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -20,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hil.errors import InfrastructureError
+from hil.hostenv import outside_umockdev
 from hil.runtime import default_runtime_dir, private_dir
 from hil.virtual.guest.kit import STAGE, kernel_kit
 
-GUEST_FOLDER = "/run/hil-guest"  # where the job folder is mounted inside the guest
+PR_SET_PDEATHSIG = 1
 MEMORY_MIB = 1536
 #: Passed into the guest; everything else of the host's environment stays outside.
 ENV_PASSED = ("TERM", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "PYTHONHASHSEED", "COLUMNS", "NO_COLOR")
@@ -38,6 +41,7 @@ class GuestJob:
     env: Mapping[str, str] = field(default_factory=dict)  # added to what is passed from this process
     shares: Sequence[Path] = ()  # more folders the program may write
     buses: int = 4  # dummy_hcd instances: usb1 .. usbN, one root port each
+    terminal: bool = field(default_factory=sys.stdout.isatty)  # the program's output is a terminal (else a pipe)
     timeout: float = 1800.0
 
 
@@ -120,7 +124,8 @@ def job_script(job: GuestJob) -> str:
     env = {k: v for k, v in os.environ.items() if k in ENV_PASSED or k.startswith(ENV_PREFIXES)}
     env.update(job.env)
     env.pop("HIL_RUNTIME_DIR", None)  # the host's runtime folder is not shared; the guest has its own /run
-    env.update({"PATH": PATH, "HOME": str(Path.home()), "HIL_USB_TRANSPORT": "kernel"})
+    env.update({"PATH": PATH, "HOME": str(Path.home()), "HIL_USB_TRANSPORT": "kernel", "PAGER": "cat",
+                "SYSTEMD_PAGER": "cat"})
     lines = ["set -e"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
     lines += [
@@ -131,9 +136,20 @@ def job_script(job: GuestJob) -> str:
         "fi",
         f"cd {shlex.quote(str(job.cwd))}",
         "set +e",
-        shlex.join(job.argv),
     ]
+    if job.terminal:
+        lines.append(shlex.join(job.argv))
+    else:  # the program's output through a pipe, as it would be here: no pager, no colours, no progress bar
+        lines += ["mkfifo /tmp/hil-out", "cat /tmp/hil-out >/dev/console &",
+                  f"{shlex.join(job.argv)} >/tmp/hil-out 2>&1", "code=$?", "wait", "exit $code"]
     return "\n".join(lines) + "\n"
+
+
+def _die_with_parent() -> None:
+    """In QEMU's process before it starts: killed when the process that started it dies (a CI job's timeout
+    kills hil, and a guest left running would hold a core for good)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def run(job: GuestJob, *, console: int | None = None) -> GuestResult:
@@ -157,7 +173,7 @@ def run(job: GuestJob, *, console: int | None = None) -> GuestResult:
     out = sys.stdout.fileno() if console is None else console
     try:
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE,
-                              timeout=job.timeout, check=False)
+                              timeout=job.timeout, check=False, env=outside_umockdev(), preexec_fn=_die_with_parent)
     except subprocess.TimeoutExpired:
         raise InfrastructureError(f"the guest did not power off within {job.timeout:.0f} s; its job folder is "
                                   f"{folder}", stage=STAGE, folder=str(folder)) from None

@@ -1,0 +1,108 @@
+"""The kernel USB transport: the virtual modules behind Linux's own USB stack (dummy_hcd, raw_gadget, configfs
+mass storage, usbfs, usb-storage, udev, usbmon) in a QEMU guest. Each guest costs 10-15 s of one core to boot, so
+the four models share one guest run of the plugin's flash suite."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from hil.hostenv import outside_umockdev
+from tests.hilrun import hil
+from tests.rigfiles import virtual_rig_toml
+
+MODELS = ("cm1", "cm3", "cm4", "cm5")
+ROOT = Path(__file__).resolve().parents[2]
+TRACE = re.compile(r"usbmon trace \((\d+) lines\) (\S+), kernel log (\S+)")
+pytestmark = pytest.mark.timeout(900)
+
+
+def kernel_rig(tmp: Path, model: str, bus: int, *, transport: str = "kernel") -> Path:
+    """A rig on root port ``bus``-1 (dummy_hcd has no hubs), with GPIOs of its own."""
+    path = tmp / f"{transport}-{model}.toml"
+    path.write_text(virtual_rig_toml(f"{transport}-{model}", model, f"{bus}-1", emmc="256MiB",
+                                     state_dir=tmp / "state" / model, power_gpio=10 + 3 * bus,
+                                     boot_gpio=11 + 3 * bus, nwp_gpio=12 + 3 * bus,
+                                     extra={"virtual": {"transport": transport}}))
+    return path
+
+
+def guest_files(stderr: str) -> tuple[Path, Path]:
+    """The usbmon trace and kernel log the guest run names on stderr."""
+    found = TRACE.search(stderr)
+    assert found, stderr[-2000:]
+    assert int(found[1]) > 0
+    return Path(found[2]), Path(found[3])
+
+
+def test_plugin_flashes_every_model_through_the_kernels_usb_stack(tmp_path: Path) -> None:
+    rigs = [kernel_rig(tmp_path, model, bus) for bus, model in enumerate(MODELS, start=1)]
+    junit, results = tmp_path / "junit.xml", tmp_path / "allure"
+    argv = [sys.executable, "-m", "pytest", "suites/test_flash_and_boot.py", "-k", "written or partitions",
+            "--image-size", "96MiB", f"--junitxml={junit}", f"--alluredir={results}", "-p", "no:cacheprovider",
+            *(f"--rig={rig}" for rig in rigs)]
+    run = subprocess.run(argv, cwd=ROOT, env=outside_umockdev(), capture_output=True, text=True, timeout=840,
+                         check=False)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    cases = ET.parse(junit).getroot().iter("testcase")
+    passed = [c.get("name", "") for c in cases if not list(c)]
+    for model in MODELS:  # two tests per rig, each parametrised by the rig's name
+        assert sum(f"kernel-{model}" in name for name in passed) == 2, passed
+
+    usbmon, dmesg = guest_files(run.stderr)
+    kernel_log = dmesg.read_text()
+    # The disks are the guest kernel's own: usb-storage on every bus, and an sd disk for each (one after another).
+    for bus in range(1, len(MODELS) + 1):
+        assert re.search(rf"usb-storage {bus}-1:1\.0: USB Mass Storage device detected", kernel_log), kernel_log
+    assert len(re.findall(r"\[sd[a-z]\] Attached SCSI removable disk", kernel_log)) >= len(MODELS)
+    # The BCM2835 ROM (cm1, bus 1) enumerates at full speed, as usbboot #69 shows; the later ROMs at high speed.
+    assert re.search(r"usb 1-1: new full-speed USB device number \d+ using dummy_hcd", kernel_log)
+    assert re.search(r"usb 3-1: new high-speed USB device number \d+ using dummy_hcd", kernel_log)
+    # usbmon saw the boot protocol: the vendor announce (0x40) and bulk OUT data on each bus.
+    trace = usbmon.read_text()
+    for bus in range(1, len(MODELS) + 1):
+        assert re.search(rf" S Co:{bus}:\d+:0 s 40 00 ", trace), f"no announce on bus {bus}"
+        assert re.search(rf" C Bo:{bus}:\d+:\d+ 0 \d+ ", trace), f"no bulk OUT on bus {bus}"
+    # ... and each flash test's report carries the usbmon text of its own bus.
+    attached = [p.read_text(errors="replace") for p in results.glob("*-attachment.txt")]
+    for bus in range(1, len(MODELS) + 1):
+        assert any(re.search(rf" S Co:{bus}:\d+:0 s 40 00 ", text) for text in attached), f"bus {bus}"
+
+
+def test_lsusb_reads_the_same_rom_on_both_transports(tmp_path: Path) -> None:
+    """Descriptors byte for byte, through usbfs on both; what differs is documented in docs/fidelity.md."""
+    kernel = hil("virtual", "run", "--rig", str(kernel_rig(tmp_path, "cm4", 1)), "--", "sh", "-c",
+                 "lsusb -v -d 0a5c:; udevadm info -q property -p /sys/bus/usb/devices/1-1", timeout=300)
+    fake = hil("virtual", "run", "--rig", str(kernel_rig(tmp_path, "cm4", 2, transport="umockdev")), "--",
+               "lsusb", "-v", "-d", "0a5c:", timeout=120)
+    assert kernel.returncode == 0, kernel.stderr[-3000:]
+    assert fake.returncode == 0, fake.stderr[-3000:]
+
+    def descriptors(text: str) -> list[str]:
+        lines = text[text.index("Device Descriptor:"):].splitlines()
+        return lines[:next(i for i, line in enumerate(lines) if line.startswith("Device Status:"))]
+
+    assert descriptors(kernel.stdout) == descriptors(fake.stdout)
+    assert "iSerial                 3 " in kernel.stdout  # the index that tells a host the ROM from a second stage
+    # dummy_hcd answers GET_STATUS itself (bus powered); the umockdev transport asks the model (self powered).
+    assert "Device Status:     0x0000" in kernel.stdout and "Device Status:     0x0001" in fake.stdout
+    properties = dict(line.split("=", 1) for line in kernel.stdout.splitlines() if re.match(r"^[A-Z_]+=", line))
+    assert (properties["ID_VENDOR_ID"], properties["ID_MODEL_ID"], properties["DRIVER"]) == ("0a5c", "2711", "usb")
+    usbmon, _ = guest_files(kernel.stderr)
+    assert re.search(r" S Ci:1:\d+:0 s 80 06 0100 0000 0012 18 <", usbmon.read_text())  # GET_DESCRIPTOR(device)
+
+
+def test_a_port_behind_a_hub_is_refused_before_the_guest_boots(tmp_path: Path) -> None:
+    run = hil("virtual", "run", "--transport", "kernel", "--rig", str(ROOT / "rigs" / "virtual-cm4.toml"), "--",
+              "true", timeout=60)
+    assert run.returncode == 2, run.stderr
+    assert "behind a hub" in run.stderr and "starting the kernel-transport guest" not in run.stderr
+    rig = tmp_path / "hub.toml"
+    rig.write_text(virtual_rig_toml("hub", "cm4", "1-1.4", extra={"virtual": {"transport": "kernel"}}))
+    check = hil("rig", "check", str(rig), timeout=60)
+    assert check.returncode == 2 and "usb.port" in check.stderr, check.stderr
