@@ -223,6 +223,24 @@ class Cell:
         return self.passes / self.attempts if self.attempts else 0.0
 
 
+@dataclass
+class PortRuns:
+    """One rig's port over the matrix runs that booted through it (the per-port history a nightly report shows)."""
+
+    rig: str
+    port: str
+    controller: str  # as the newest run saw it
+    runs: list[tuple[float, int, int]]  # (started, passes, attempts) of each run, oldest first
+
+    @property
+    def passes(self) -> int:
+        return sum(p for _, p, _ in self.runs)
+
+    @property
+    def attempts(self) -> int:
+        return sum(n for _, _, n in self.runs)
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY, started REAL, host TEXT, rig TEXT, attempts INTEGER);
 CREATE TABLE IF NOT EXISTS attempts (
@@ -276,6 +294,19 @@ class MatrixStore:
         rows = self._db.execute("SELECT port, SUM(ok), COUNT(*) FROM attempts WHERE rig = ? GROUP BY port", (rig,))
         return {port: (int(passes), int(count)) for port, passes, count in rows}
 
+    def port_runs(self, rigs: Sequence[str]) -> list[PortRuns]:
+        """Each port of ``rigs`` with its runs, by rig and port."""
+        rows = self._db.execute(
+            "SELECT a.rig, a.port, a.controller, r.started, SUM(a.ok), COUNT(*) FROM attempts a JOIN runs r "
+            f"ON r.id = a.run WHERE a.rig IN ({', '.join('?' * len(rigs))}) GROUP BY a.rig, a.port, a.run "
+            "ORDER BY a.rig, a.port, a.run", tuple(rigs))
+        found: dict[tuple[str, str], PortRuns] = {}
+        for rig, port, controller, started, passes, count in rows:
+            entry = found.setdefault((rig, port), PortRuns(rig, port, controller, []))
+            entry.controller = controller
+            entry.runs.append((float(started), int(passes), int(count)))
+        return list(found.values())
+
     def evidence(self, run: int, port: str, attempt: int) -> dict[str, Any]:
         row = self._db.execute("SELECT evidence FROM evidence WHERE run = ? AND port = ? AND attempt = ?",
                                (run, port, attempt)).fetchone()
@@ -321,7 +352,25 @@ def format_table(cells: Sequence[Cell]) -> str:
                       f"{c.run_passes}/{c.run_attempts}" if c.run_attempts else "-", f"{c.passes}/{c.attempts}",
                       str(len(c.per_run)), " ".join(f"{p}/{n}" for p, n in c.per_run[-5:]), str(c.incompatible),
                       *(f"{c.median[s]:.3f}" if s in c.median else "-" for s in STAGES)])
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    return _columns(lines)
+
+
+def format_port_history(ports: Sequence[PortRuns], last: int = 10) -> str:
+    """Each port's passes/attempts run by run (the newest ``last`` runs), with the newest run's verdict."""
+    header = ["rig", "port", "controller", "newest run", "at", "runs", "all runs", "by run, oldest first"]
+    lines = [header]
+    for p in ports:
+        _, passes, tries = p.runs[-1]
+        verdict = "pass" if passes == tries else "FAIL" if passes == 0 else "flaky"
+        lines.append([p.rig, p.port, p.controller, f"{verdict} {passes}/{tries}",
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(p.runs[-1][0])), str(len(p.runs)),
+                      f"{p.passes}/{p.attempts}", " ".join(f"{ok}/{n}" for _, ok, n in p.runs[-last:])])
+    return _columns(lines)
+
+
+def _columns(lines: list[list[str]]) -> str:
+    """Rows of cells as text columns, the first row the header."""
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in lines) + "\n"
 
 

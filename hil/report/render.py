@@ -1,14 +1,18 @@
 """Render an allure-results folder to an HTML report that opens in a lab with no way out.
 
 The pinned Allure Report 3 (``report/package.json``, installed with ``npm ci --prefix report``) does the
-rendering; this module only runs it and makes the page safe offline. Allure 3.18 hard-codes a Google
-Analytics loader into every ``index.html`` with no option to turn it off, so the tag is cut out of the page
-afterwards, and any other outside reference left in it fails the render instead of shipping a report that
-phones home or hangs on a closed network.
+rendering (``allure generate`` with the Awesome plugin's options in ``report/allurerc.json``: the tree grouped by
+rig and suite and sorted by name, so rigs come in the same order every night); this module only runs it and
+tidies two things afterwards. Allure 3.18 hard-codes a Google Analytics loader into every ``index.html`` with no
+option to turn it off, so the tag is cut out of the page, and any other outside reference left in it fails the
+render instead of shipping a report that phones home or hangs on a closed network. And its timeline lays out
+hosts and lanes in the order it happened to read the result files (random file names), so the timeline's data
+is sorted by host, lane (the rig, see hil.fixtures.report_tidy) and start.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -33,6 +37,9 @@ _ANALYTICS = re.compile(
     r"\s*<script\b[^>]*\bsrc=\"https://www\.googletagmanager\.com/[^\"]*\"[^>]*>\s*</script>"
     r"|\s*<script>[^<]*?\bgtag\([^<]*</script>"
 )
+TIMELINE = "widgets/timeline.json"
+# A single-file report carries each data file inline as d("widgets/timeline.json","<base64>").
+_INLINE_TIMELINE = re.compile(r'\bd\("' + re.escape(TIMELINE) + r'","([A-Za-z0-9+/=]*)"\)')
 
 
 def render_report(results: Path | list[Path], out: Path, *, single_file: bool = False, name: str = "cm-hil",
@@ -67,15 +74,14 @@ def render_report(results: Path | list[Path], out: Path, *, single_file: bool = 
     # render goes to a fresh folder beside ``out`` and is moved into place once it is known to be good.
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         staging = Path(tmp) / "report"
-        config = _config(Path(tmp), history, history_limit)
-        command = [str(ALLURE), "awesome", "--config", str(config), "--report-name", name]
-        command += ["--output", str(staging), *(["--single-file"] if single_file else [])]
-        command += [str(f.resolve()) for f in folders]
-        _run_allure(command, folders[0])
+        config = _config(Path(tmp), history, history_limit, single_file=single_file)
+        command = [str(ALLURE), "generate", "--config", str(config), "--report-name", name]
+        command += ["--output", str(staging), *(str(f.resolve()) for f in folders)]
+        _run_allure(command, folders[0], home=Path(tmp))
         index = staging / "index.html"
         if not index.is_file():
             raise InfrastructureError(f"allure exited 0 but wrote no {index.name} for {folders[0]}", stage="report")
-        html = _ANALYTICS.sub("", index.read_text(encoding="utf-8"))
+        html = _sort_timeline(staging, _ANALYTICS.sub("", index.read_text(encoding="utf-8")))
         outside = _outside_references(html)
         if outside:
             raise InfrastructureError(
@@ -90,20 +96,37 @@ def render_report(results: Path | list[Path], out: Path, *, single_file: bool = 
     return out / "index.html"
 
 
-def _config(folder: Path, history: Path | None, limit: int) -> Path:
-    """The project's Allure config, plus where this render reads and appends its history."""
-    if history is None:
-        return ALLURE_CONFIG
-    history = history.resolve()
-    if history.exists() and not history.is_file():
-        raise InputError(f"{history}: not a history file. Fix: give a file path (it is created if missing)",
-                         stage="report")
-    history.parent.mkdir(parents=True, exist_ok=True)
+def _config(folder: Path, history: Path | None, limit: int, *, single_file: bool) -> Path:
+    """The project's Allure config, with this render's layout and where it reads and appends its history."""
     config = json.loads(ALLURE_CONFIG.read_text(encoding="utf-8"))
-    config.update(historyPath=str(history), historyLimit=limit, appendHistory=True)
+    awesome = config.setdefault("plugins", {}).setdefault("awesome", {})
+    awesome.setdefault("options", {})["singleFile"] = single_file
+    if history is not None:
+        history = history.resolve()
+        if history.exists() and not history.is_file():
+            raise InputError(f"{history}: not a history file. Fix: give a file path (it is created if missing)",
+                             stage="report")
+        history.parent.mkdir(parents=True, exist_ok=True)
+        config.update(historyPath=str(history), historyLimit=limit, appendHistory=True)
     path = folder / "allurerc.json"
     path.write_text(json.dumps(config), encoding="utf-8")
     return path
+
+
+def _sort_timeline(report: Path, html: str) -> str:
+    """The timeline's entries in (host, lane, start) order, in ``report``'s data file or inlined in ``html``."""
+
+    def by_lane(data: bytes) -> bytes:
+        entries = json.loads(data)
+        entries.sort(key=lambda e: (str(e.get("host", "")), str(e.get("thread", "")), e.get("start") or 0))
+        return json.dumps(entries).encode()
+
+    widget = report / TIMELINE
+    if widget.is_file():
+        widget.write_bytes(by_lane(widget.read_bytes()))
+        return html
+    return _INLINE_TIMELINE.sub(
+        lambda m: f'd("{TIMELINE}","{base64.b64encode(by_lane(base64.b64decode(m[1]))).decode()}")', html, count=1)
 
 
 def _outside_references(html: str) -> set[str]:
@@ -123,8 +146,11 @@ def _check_replaceable(out: Path) -> None:
         )
 
 
-def _run_allure(command: list[str], results: Path) -> None:
-    env = {**os.environ, "NO_COLOR": "1", "FORCE_COLOR": "0"}
+def _run_allure(command: list[str], results: Path, *, home: Path) -> None:
+    """``allure generate`` writes the cause of a failure to a log under ``$HOME/.allure/logs`` and prints only
+    where it is: ``home`` (the render's private folder) keeps those logs out of the user's home, and the cause
+    is read back into the error."""
+    env = {**os.environ, "NO_COLOR": "1", "FORCE_COLOR": "0", "HOME": str(home)}
     try:
         done = subprocess.run(
             command, cwd=TOOLCHAIN, env=env, capture_output=True, text=True, timeout=RENDER_TIMEOUT_S, check=False
@@ -141,10 +167,13 @@ def _run_allure(command: list[str], results: Path) -> None:
             stage="report",
         ) from error
     if done.returncode != 0:
+        logged = "".join(log.read_text(errors="replace") for log in sorted(home.glob(".allure/logs/*.log")))
+        causes = [line.split("[ERROR] ", 1)[1] for line in logged.splitlines() if "[ERROR] " in line]
+        said = done.stderr.strip() or done.stdout.strip()
         raise InfrastructureError(
-            f"allure failed to render {results} (exit {done.returncode}): {done.stderr.strip() or done.stdout.strip()}",
+            f"allure failed to render {results} (exit {done.returncode}): {'; '.join(causes) or said}",
             stage="report",
-            stderr=done.stderr,
+            stderr=done.stderr + logged,
         )
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from hil.errors import ExitCode
 from hil.nightly import read_outcome
+from tests.allure_files import global_attachment
 from tests.hilrun import hil
 
 
@@ -26,13 +27,16 @@ def test_two_rigs_run_in_parallel_one_worker_each(pytester: pytest.Pytester, mak
     workers: dict[str, set[str]] = {}
     for path in results.glob("*-result.json"):
         labels = {label["name"]: label["value"] for label in json.loads(path.read_text())["labels"]}
-        workers.setdefault(labels["rig"], set()).add(labels["thread"].split("-")[0])  # the worker's pid
+        assert labels["thread"] == labels["rig"]  # the timeline's lane is the rig
+        workers.setdefault(labels["rig"], set()).add(labels["worker"])  # "gw0 (<pid>-MainThread)"
     assert set(workers) == {"plug-x4", "plug-x1"}
-    assert all(len(pids) == 1 for pids in workers.values()), workers
-    assert workers["plug-x4"] != workers["plug-x1"]
-    props = (results / "environment.properties").read_text()  # each worker's facts reached the controller
-    assert "plug-x4.module.model=cm4 (bcm2711)" in props and "plug-x1.module.model=cm1 (bcm2835)" in props
-    assert "plug-x1.payload=" in props and "plug-x4.image.sha256=" in props
+    assert all(len(ids) == 1 for ids in workers.values()), workers
+    assert workers["plug-x4"] != workers["plug-x1"] and all(w.startswith("gw") for w in set.union(*workers.values()))
+    props = (results / "environment.properties").read_text().splitlines()  # each worker's facts reached the controller
+    assert [line.split(",")[0] for line in props[1:]] == ["plug-x1=cm1 (bcm2835)", "plug-x4=cm4 (bcm2711)"]
+    facts = global_attachment(results, "rig facts")
+    x1, x4 = facts.index("plug-x1\n"), facts.index("plug-x4\n")
+    assert x1 < facts.index("payload ", x1) < x4 < facts.index("image.sha256 ", x4)
 
 
 def test_hil_nightly_runs_the_suites_and_renders_the_report(make_rig: Callable[..., Path], wrapper: str,

@@ -4,6 +4,7 @@ failure policy (fault tags, the bounded USB boot retry with each attempt's evide
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from hil.report import render_report
+from tests.allure_files import global_attachment
 
 pytestmark = pytest.mark.usefixtures("virtual_usb")
 PLUGIN = ("-p", "hil.fixtures.plugin", "-p", "no:cacheprovider")
@@ -66,18 +68,32 @@ def test_suites_on_a_virtual_cm4_leave_steps_attachments_and_environment(
     assert any("is already on the eMMC of plug-run" in s for s in every_step)
     for name, result in by_name.items():  # each test shows the evidence of what it uses, not only the first
         fixtures = {p["name"] for p in result["steps"]}
+        own = {a["name"] for a in result.get("attachments", [])}  # the test's own: its page's Attachments tab
+        assert "console (plug-run, this test)" in own, name
         if "flashed" in fixtures:
-            assert {"flash and verify figures", "USB transfer trace"} <= set(names(result)[1]), name
+            assert {"flash and verify figures", "USB transfer trace"} <= own, name
         if "booted" in fixtures:
-            assert {"console slice", "boot-time figures"} <= set(names(result)[1]), name
+            assert "boot-time figures" in own and "console slice" in names(result)[1], name
         assert [p["value"] for p in result["parameters"]] == [f"'plug-run ({rig})'"]  # not PosixPath('...')
+        labels = {label["name"]: label["value"] for label in result["labels"]}
+        assert labels["thread"] == "plug-run" and labels["worker"].endswith("MainThread")  # the timeline's lane
+    figures = next(a for a in by_name["test_image_is_written_and_verified[plug-run]"]["attachments"]
+                   if a["name"] == "flash and verify figures")
+    text = (results / figures["source"]).read_text()
+    assert re.search(r"written +[\d,]+ bytes \([\d.]+ MiB\) of 268,435,456 bytes .* \([\d.]+ MB/s\)", text), text
+    assert re.search(r"verified +[\d,]+ bytes .* MB/s", text) and re.search(r"image sha256 +[0-9a-f]{64}\n", text)
     afters = [a["name"] for path in results.glob("*-container.json")
               for a in json.loads(path.read_text()).get("afters", [])]
     assert "station (teardown)" in afters and not [a for a in afters if "<lambda>" in a or "::" in a]
-    props = (results / "environment.properties").read_text()
-    for line in ("rig=plug-run", "module.model=cm4 (bcm2711)", "usb.port=9-1.4", "usb.host_controller=xhci_hcd 8086",
-                 "image.sha256=", "image.build_id=", "payload=", "host.kernel=Linux"):
-        assert f"\n{line}" in props or props.startswith(line), line
+    facts = global_attachment(results, "rig facts")  # every fact, under the rig's name
+    built = re.findall(r"image.build_id +(\w+)", facts)
+    props = (results / "environment.properties").read_text().splitlines()  # the report's Metadata: a line a rig
+    assert props[0].startswith("host=") and "Linux" in props[0] and len(built) == 1
+    assert props[1:] == [f"plug-run=cm4 (bcm2711), USB 9-1.4, test-cm4-256MiB.img, build-id {built[0]}"]
+    for line in ("module.model         cm4 (bcm2711)", "usb.port             9-1.4",
+                 "usb.host_controller  xhci_hcd 8086", "image.sha256 ", "payload ", "host.kernel  Linux"):
+        assert line in facts, line
+    assert facts.index("plug-run\n") < facts.index("module.model")
     assert json.loads((results / "categories.json").read_text())[0]["name"]
     assert junit.read_text().count("<testcase ") == 11
 
@@ -148,7 +164,10 @@ def test_failures_carry_their_fault_and_a_broken_rig_is_taken_out(failing_run: t
         assert skipped["statusDetails"]["message"].startswith(
             "Skipped: rig plug-garbled is out of this run: its self-check test_console_alive[plug-garbled] failed: "
             "[infrastructure]")
-    assert "rig.out=rig plug-garbled is out of this run" in (results / "environment.properties").read_text()
+    props = (results / "environment.properties").read_text()
+    assert "plug-garbled=OUT of this run" in props and "plug-good=cm4 (bcm2711), USB 9-1.4" in props
+    assert props.index("plug-garbled=") < props.index("plug-good=") < props.index("plug-usb=")  # sorted by name
+    assert "rig.out              rig plug-garbled is out of this run" in global_attachment(results, "rig facts")
 
     index = render_report(results, tmp_path / "report")
     categories = json.loads((index.parent / "widgets" / "categories.json").read_text())

@@ -2,17 +2,18 @@
 // as JSON on stdout: the page text at each stop, and every request that left the machine (those are
 // blocked, so a closed lab network cannot stall the page). The pytest side decides what must be there.
 //
-// usage: node report_check.mjs URL SPEC, where SPEC is JSON: {"test", "step", "attachment": names to open in
-// turn, "content": text the attachment shows, "categories": {category name: a test expected in it}}
+// usage: node report_check.mjs SPEC, where SPEC is JSON: {"stops": [{"name", "goto", "click", "expect"}, ...]}.
+// At each stop the page first loads "goto" (a URL, optional: a test's own page is index.html#<its id>), then
+// clicks each of "click" in turn (a text, matched whole, or {"regex": pattern} for the first text it matches),
+// then waits for the text "expect" to show.
 import { createRequire } from "node:module";
 
 const require = createRequire(new URL("../../report/package.json", import.meta.url));
 const { chromium } = require("playwright-core");
 
-const [url, specJson] = process.argv.slice(2);
-const spec = JSON.parse(specJson);
+const spec = JSON.parse(process.argv[2]);
 const WAIT_MS = 20_000;
-const FIRST_LOAD_MS = 60_000; // a browser's first start on a fresh machine builds its caches (fonts, profile)
+const LOAD_MS = 60_000; // a browser's first start on a fresh machine builds its caches (fonts, profile)
 const DEADLINE_MS = 200_000; // under the pytest side's 240 s, so that chromium is always closed by us
 const LOOPBACK = new Set(["localhost", "127.0.0.1", "[::1]"]);
 
@@ -33,7 +34,7 @@ const deadline = setTimeout(async () => {
   process.exit(1);
 }, DEADLINE_MS);
 try {
-  const page = await browser.newPage();
+  const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
   page.setDefaultTimeout(WAIT_MS);
   await page.route("**/*", (route) => {
     const target = new URL(route.request().url());
@@ -53,31 +54,22 @@ try {
       return "";
     }
   };
+  const target = (click) => (typeof click === "string"
+    ? page.getByText(click, { exact: true }) : page.getByText(new RegExp(click.regex))).first();
   // Each stop waits for what a person would look for, and records the page either way.
-  const stop = async (name, action, expected) => {
+  for (const stop of spec.stops) {
     try {
-      await action();
-      await page.getByText(expected, { exact: false }).first().waitFor({ timeout: WAIT_MS });
+      if (stop.goto) {
+        await page.goto(stop.goto, { timeout: LOAD_MS });
+      }
+      for (const click of stop.click ?? []) {
+        await target(click).click();
+      }
+      await page.getByText(stop.expect, { exact: false }).first().waitFor({ timeout: WAIT_MS });
     } catch (error) {
-      seen.errors.push(`${name}: ${error.message.split("\n")[0]}`);
+      seen.errors.push(`${stop.name}: ${error.message.split("\n")[0]}`);
     }
-    seen.stops[name] = await text();
-  };
-
-  await stop("home", () => page.goto(url, { timeout: FIRST_LOAD_MS }), spec.test);
-  await stop("test", () => page.getByText(spec.test, { exact: true }).first().click(), spec.step);
-  await stop("step", () => page.getByText(spec.step, { exact: true }).first().click(), spec.attachment);
-  await stop("attachment", () => page.getByText(spec.attachment, { exact: true }).first().click(), spec.content);
-  try {
-    await page.goto(url);
-  } catch (error) {
-    seen.errors.push(`back home: ${error.message.split("\n")[0]}`);
-  }
-  for (const [category, test] of Object.entries(spec.categories)) {
-    await stop(`category ${category}`, async () => {
-      await page.getByText(/^Categories\s*\d+$/).first().click();
-      await page.getByText(category, { exact: true }).first().click();
-    }, test);
+    seen.stops[stop.name] = await text();
   }
 } finally {
   clearTimeout(deadline);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -102,6 +103,31 @@ def test_environment_properties_reach_the_report(allure_results: Path, tmp_path:
     index = render_report(results, tmp_path / "report")
     shown = json.loads((index.parent / "widgets" / "allure_environment.json").read_text())
     assert {entry["name"]: entry["values"] for entry in shown} == {key: [value] for key, value in props.items()}
+
+
+@pytest.mark.parametrize("single_file", [False, True])
+def test_the_timeline_lists_lanes_in_host_and_rig_order(allure_results: Path, tmp_path: Path,
+                                                          single_file: bool) -> None:
+    """Allure lays out hosts and lanes in the order it reads result files (sorted random names); the rendered
+    timeline is in host, lane, start order whatever the file names."""
+    results = shutil.copytree(allure_results, tmp_path / "results")
+    files = sorted(results.glob("*-result.json"))
+    for n, path in enumerate(files):  # the first files read get the last lanes
+        data = json.loads(path.read_text())
+        lane = f"rig-{len(files) - n}"
+        data["labels"] = [*[x for x in data["labels"] if x["name"] not in ("host", "thread")],
+                          {"name": "host", "value": "ctl-b" if n % 2 else "ctl-a"}, {"name": "thread", "value": lane}]
+        data["start"], data["stop"] = 1000 + 10 * n, 1005 + 10 * n
+        path.write_text(json.dumps(data))
+    index = render_report(results, tmp_path / "report", single_file=single_file)
+    if single_file:
+        inline = re.search(r'd\("widgets/timeline\.json","([^"]*)"\)', index.read_text(encoding="utf-8"))
+        assert inline is not None
+        timeline = json.loads(base64.b64decode(inline[1]))
+    else:
+        timeline = json.loads((index.parent / "widgets" / "timeline.json").read_text())
+    lanes = [(e["host"], e["thread"]) for e in timeline]
+    assert len(lanes) == len(files) and lanes == sorted(lanes), lanes
 
 
 def test_rendering_again_replaces_the_earlier_report(allure_results: Path, tmp_path: Path) -> None:
