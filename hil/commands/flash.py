@@ -213,6 +213,7 @@ def _result_event(result: FlashResult, sha256: str | None, seconds: float) -> No
          bytes_written=written.bytes_written if written else None,
          write_seconds=round(written.seconds, 3) if written else None,
          write_mbps=round(written.mbps, 2) if written else None,
+         plan=written.plan if written else None, from_cache=written.from_cache if written else None,
          bytes_verified=verified.bytes_read if verified else None,
          verify_seconds=round(verified.seconds, 3) if verified else None,
          build_id=result.build_id, seconds=round(seconds, 3))
