@@ -56,15 +56,17 @@ FUSE_SERVER = b"hil.virtual.throttlefs"
 KINDS = ("framework", "fuse", "virtual")
 
 
-def _thread_cpu(path: str) -> tuple[str, float] | None:
+def _thread_cpu(path: str, reaped: bool = False) -> tuple[str, float] | None:
+    """The name and user + system seconds in a ``stat`` file; ``reaped``: with the children it waited for (a
+    process's line: the decoder, once it ended)."""
     try:
         with open(path) as f:
             text = f.read()
     except OSError:
         return None
     name = text[text.index("(") + 1:text.rindex(")")]
-    fields = text[text.rindex(")") + 2:].split()
-    return name, (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+    fields = [int(v) for v in text[text.rindex(")") + 2:].split()[11:15]]  # utime, stime, cutime, cstime
+    return name, sum(fields if reaped else fields[:2]) / TICK
 
 
 def _tree(root: int) -> set[int]:
@@ -88,7 +90,9 @@ def _tree(root: int) -> set[int]:
 
 def sample(root: int) -> dict[str, float]:
     """CPU seconds so far of one flash's process tree, by kind: the FUSE server, the virtual rig's threads in the
-    hil process, and the framework (the rest)."""
+    hil process, and the framework (the rest). A process's own line counts its ended threads too (the writer and
+    the verifier end before the read-back is reported), so the framework is each process less its virtual threads
+    (which live as long as the rig does)."""
     spent = dict.fromkeys(KINDS, 0.0)
     for pid in _tree(root):
         try:
@@ -96,11 +100,18 @@ def sample(root: int) -> dict[str, float]:
             tids = os.listdir(f"/proc/{pid}/task")
         except OSError:
             continue
+        whole = _thread_cpu(f"/proc/{pid}/stat", reaped=True)
+        if whole is None:
+            continue
+        if fuse:
+            spent["fuse"] += whole[1]
+            continue
+        spent["framework"] += whole[1]
         for tid in tids:
             got = _thread_cpu(f"/proc/{pid}/task/{tid}/stat")
-            if got is not None:
-                kind = "fuse" if fuse else "virtual" if got[0].startswith(VIRTUAL_THREADS) else "framework"
-                spent[kind] += got[1]
+            if got is not None and got[0].startswith(VIRTUAL_THREADS):
+                spent["virtual"] += got[1]
+                spent["framework"] -= got[1]
     return spent
 
 
