@@ -310,8 +310,8 @@ def main() -> int:
             windows = [Window.of(run, parallel) for run, parallel in runs]
             solo = solo or windows[1]  # one rig alone, from the cache
             for (run, _), window in zip(runs, windows, strict=True):
-                plans = [f"{f.result.get('plan')}" for f in run.flashes]
-                decoders = sum(p in ("filesystems", "bmap") for p in plans)
+                plans = [f.result.get("plan") for f in run.flashes]  # None: a hil that does not say (--code)
+                decoders = sum(p in ("filesystems", "bmap") for p in plans) if None not in plans else "?"
                 note = f"decoders: {decoders}" if "cold" in run.label else ""
                 if "at once, from the cache" in run.label:
                     aggregate = window.moved / window.seconds / (n * args.rate * 1e6)
