@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -34,18 +35,19 @@ def sha256_file(path: Path) -> str:
 
 
 class Sha256InBackground:
-    """:func:`sha256_file` in a daemon thread, for a summary printed after a long job: the job does not wait for
-    it, and a failing or interrupted job leaves at once instead of waiting for the hash of a large file."""
+    """``hasher`` (:func:`sha256_file`, or an image cache's memoised key, which is the same SHA-256) in a daemon
+    thread, for a summary printed after a long job: the job does not wait for it, and a failing or interrupted job
+    leaves at once instead of waiting for the hash of a large file."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, hasher: Callable[[Path], str] = sha256_file):
         self._digest: str | None = None
         self._error: OSError | None = None
-        self._thread = threading.Thread(target=self._run, args=(path,), name="sha256", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(path, hasher), name="sha256", daemon=True)
         self._thread.start()
 
-    def _run(self, path: Path) -> None:
+    def _run(self, path: Path, hasher: Callable[[Path], str]) -> None:
         try:
-            self._digest = sha256_file(path)
+            self._digest = hasher(path)
         except OSError as e:
             self._error = e
 

@@ -151,20 +151,22 @@ def _run(args: argparse.Namespace) -> int:
     print(f"image   {image.path} ({image.format}, {size}); {_plan_text(image)}", file=out, flush=True)
     sha256: str | None = None
     hashing: Sha256InBackground | None = None
+    cache = None if args.no_cache else ImageCache()
+    hasher = cache.key if cache is not None else sha256_file  # the cache key is the SHA-256: hashed once for both
     if expected is not None:  # hashed first: not a byte of a different image is written
-        sha256 = sha256_file(image.path)
+        sha256 = hasher(image.path)
         if sha256 != expected:
             raise InputError(f"{image.path} has SHA-256 {sha256}, not the expected {expected}; nothing was written. "
                              "Fix: download the image again, or give the hash published for this file", stage="flash")
     elif not args.dry_run:  # for the summary, while the module boots and the image is written
-        hashing = Sha256InBackground(image.path)
+        hashing = Sha256InBackground(image.path, hasher)
     printer = _Printer(out, progress_for(args.json, args.progress_every), sys.stdout if args.json else None)
     with session:
         try:
             result = flash_emmc(None if args.no_usbboot else session.lifecycle, image, rig=rig,
                                 payload=session.payload(args.payload),
                                 usbboot=not args.no_usbboot, dry_run=args.dry_run, verify=not args.no_verify,
-                                cache=None if args.no_cache else ImageCache(), config=config, cmdline=args.cmdline,
+                                cache=cache, config=config, cmdline=args.cmdline,
                                 plan=plan, raw=args.raw, listener=printer)
         finally:
             printer.progress.end()
@@ -213,6 +215,7 @@ def _result_event(result: FlashResult, sha256: str | None, seconds: float) -> No
          bytes_written=written.bytes_written if written else None,
          write_seconds=round(written.seconds, 3) if written else None,
          write_mbps=round(written.mbps, 2) if written else None,
+         plan=written.plan if written else None, from_cache=written.from_cache if written else None,
          bytes_verified=verified.bytes_read if verified else None,
          verify_seconds=round(verified.seconds, 3) if verified else None,
          build_id=result.build_id, seconds=round(seconds, 3))

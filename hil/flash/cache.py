@@ -3,8 +3,9 @@
 An entry is the image as a sparse file holding only its mapped ranges, plus a JSON note of the image
 size and those ranges, so the next flash is a plain copy of known ranges. The key of a file is
 remembered by (path, size, mtime, inode), so a second flash does not even re-hash the compressed
-file. The cache is bounded: least recently used entries go first. Entries appear atomically (rename),
-so a decode that fails part-way never leaves one behind.
+file, and it is the SHA-256 ``hil flash`` prints: one hash serves both. The cache is bounded: least
+recently used entries go first. Entries appear atomically (rename), so a decode that fails part-way never
+leaves one behind.
 
 One decode, many writers: the flash that decodes an image holds ``<key>.lock`` (flock) while it fills
 ``.<key>.tmp``; a flash of the same image that starts meanwhile (several rigs, one controller) does not decode
@@ -18,7 +19,9 @@ import contextlib
 import fcntl
 import json
 import os
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,18 +149,37 @@ class ImageCache:
     def __init__(self, root: Path | None = None, max_bytes: int = DEFAULT_MAX_BYTES):
         self.root = Path(root) if root else default_root()
         self.max_bytes = max_bytes
+        self._hashing: dict[str, Future[str]] = {}  # file identity -> its hash, done or under way in this process
+        self._mutex = threading.Lock()
 
     def key(self, path: Path) -> str:
-        """SHA-256 of the file's content; remembered by path, size, mtime and inode."""
+        """SHA-256 of the file's content; remembered by path, size, mtime and inode. A file is hashed once per
+        process even when several threads ask at once (``hil flash`` hashes in the background for its summary
+        while the module boots; the writer's own call then waits for that hash instead of making a second)."""
         st = path.stat()
         ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        with self._mutex:
+            hashing = self._hashing.get(ident)
+            mine = hashing is None
+            if hashing is None:
+                hashing = self._hashing[ident] = Future()
+        if not mine:
+            return hashing.result()
+        try:
+            digest = self._keys().get(ident) or self._remember(ident, sha256_file(path))
+        except BaseException as e:
+            with self._mutex:
+                del self._hashing[ident]  # the next call tries again
+            hashing.set_exception(e)
+            raise
+        hashing.set_result(digest)
+        return digest
+
+    def _remember(self, ident: str, digest: str) -> str:
         keys = self._keys()
-        if ident in keys:
-            return keys[ident]
-        digest = sha256_file(path)
         keys[ident] = digest
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{_KEYS}.{os.getpid()}"
+        tmp = self.root / f".{_KEYS}.{os.getpid()}.{threading.get_ident()}"
         tmp.write_text(json.dumps(keys))
         os.replace(tmp, self.root / _KEYS)
         return digest

@@ -3,6 +3,7 @@ decode instead of running its own decoder (issue 21, item 1)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from hil.errors import InfrastructureError
+from hil.filehash import Sha256InBackground
+from hil.flash import cache as cache_module
 from hil.flash.cache import CacheWriter, ImageCache
 from hil.flash.sources import open_image
 from hil.flash.writer import WriteResult, write_image
@@ -97,3 +100,27 @@ def test_a_follower_fails_when_the_decode_it_follows_stops(built: BuiltImage, tm
     with pytest.raises(InfrastructureError, match="stopped before the end"):
         write_to_file(xz, tmp_path / "follower.img", cache)
     stopper.join()
+
+
+def test_a_file_is_hashed_once_when_the_summary_and_the_writer_ask_at_once(
+        built: BuiltImage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hil flash`` hashes the image in the background for its summary while the writer needs the same SHA-256 as
+    the cache key: the second asker waits for the first hash instead of reading the file again."""
+    xz = built.compressed["xz"]
+    calls: list[Path] = []
+    started = threading.Event()
+
+    def slow_sha256(path: Path) -> str:
+        calls.append(path)
+        started.set()
+        time.sleep(0.3)  # long enough for the writer's call to arrive while this hash is under way
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    monkeypatch.setattr(cache_module, "sha256_file", slow_sha256)
+    cache = ImageCache(tmp_path / "cache")
+    summary = Sha256InBackground(xz, cache.key)
+    assert started.wait(10)
+    writer_key = cache.key(xz)  # the writer's call, while the summary's hash runs
+    assert summary.result() == writer_key == hashlib.sha256(xz.read_bytes()).hexdigest()
+    assert calls == [xz]
+    assert ImageCache(tmp_path / "cache").key(xz) == writer_key and calls == [xz]  # remembered for the next flash
