@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 APT_PACKAGES=(
   python3 python3-venv python3-gi                   # Debian's Python: PyGObject for umockdev comes from here
   umockdev gir1.2-umockdev-1.0 libusb-1.0-0         # the virtual rig's USB side behind the real libusb
-  fuse3 libfuse2 util-linux                         # the virtual eMMC: FUSE speed model under a loop device
+  fuse3 util-linux                                  # the virtual eMMC: FUSE speed model (/dev/fuse) under a loop device
   mtools dosfstools e2fsprogs fdisk                 # test images without mounting
   xz-utils zstd bzip2 gzip bmap-tools               # image formats and the peer tools the benchmarks compare with
   usbutils                                          # lsusb: a non-Python program the tests run against the virtual rig
