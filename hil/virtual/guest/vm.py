@@ -161,8 +161,11 @@ def run(job: GuestJob, *, console: int | None = None) -> GuestResult:
     (folder / "shares").write_text("".join(f"rw{i} {p}\n" for i, p in enumerate(shares)))
     (folder / "job").write_text(job_script(job))
     (folder / "dummy_hcd").write_text(f"num={max(1, job.buses)}\n")
-    argv = [qemu(), "-accel", "tcg", "-m", str(MEMORY_MIB), "-smp", "1", "-nodefaults", "-no-user-config",
-            "-display", "none", "-no-reboot", "-kernel", str(kit.kernel), "-initrd", str(kit.initramfs),
+    # -cpu max: QEMU's default CPU has no SSE4.2/AVX, and NumPy's wheels (matplotlib, for the matrix picture)
+    # die on an illegal instruction without them
+    argv = [qemu(), "-accel", "tcg", "-cpu", "max", "-m", str(MEMORY_MIB), "-smp", "1", "-nodefaults",
+            "-no-user-config", "-display", "none", "-no-reboot", "-kernel", str(kit.kernel),
+            "-initrd", str(kit.initramfs),
             "-append", "console=ttyS0 quiet loglevel=1 panic=-1 rdinit=/init",
             "-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con",
             "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
