@@ -56,13 +56,19 @@ fetch() {  # ARCH PACKAGE-PATTERNS...: the kernel named by linux-image-ARCH and 
   rmdir "$staging"
 }
 
-refresh=0
+refresh=0 fetched=0
 [ "${1:-}" = "--refresh" ] && refresh=1
 if [ $refresh = 1 ] || ! have 'linux-image-*-arm64_*_arm64.deb' || ! have 'busybox-static_*_arm64.deb'; then
   fetch arm64
+  fetched=1
 fi
 if [ $refresh = 1 ] || ! have 'linux-image-*-amd64_*_amd64.deb' || ! have 'busybox-static_*_amd64.deb' \
     || ! have 'linux-source-*_all.deb' || ! have 'linux-kbuild-*_amd64.deb' || ! have 'linux-headers-*-common_*_all.deb'; then
   fetch amd64
+  fetched=1
 fi
-echo "fetch-guest: $(cd "$DEBS" && ls *.deb | tr '\n' ' ')in $DEBS"
+if [ $fetched = 0 ]; then
+  echo "fetch-guest: already cached in $DEBS"
+else
+  echo "fetch-guest: $(cd "$DEBS" && ls *.deb | tr '\n' ' ')in $DEBS"
+fi

@@ -140,9 +140,10 @@ def _run(args: argparse.Namespace) -> int:
     expected = _expected_sha256(args.expect_sha256)
     if not args.progress_every > 0:
         raise InputError(f"--progress-every {args.progress_every}: give a number of seconds above 0", stage="flash")
-    # a virtual rig: from here on under umockdev-wrapper; --no-usbboot leaves the rig's switches as they are
-    session = RigSession(rig, rerun=sys.argv[1:], switches=not args.no_usbboot)
     image, warnings = open_flash_image(args.image, rig, bmap=args.bmap, raw=args.raw)  # bad: exit 2, rig untouched
+    # a virtual rig: from here on under umockdev-wrapper, or in the kernel transport's guest (the command runs
+    # again there, the image checked again); --no-usbboot leaves the rig's switches as they are
+    session = RigSession(rig, rerun=sys.argv[1:], switches=not args.no_usbboot)
     out = sys.stderr if args.json else sys.stdout  # --json: stdout carries only the events
     for warning in warnings:
         print(f"hil: warning: {warning}", file=sys.stderr)

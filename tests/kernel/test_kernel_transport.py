@@ -97,7 +97,11 @@ def test_lsusb_reads_the_same_rom_on_both_transports(tmp_path: Path) -> None:
     assert re.search(r" S Ci:1:\d+:0 s 80 06 0100 0000 0012 18 <", usbmon.read_text())  # GET_DESCRIPTOR(device)
 
 
-def test_a_port_behind_a_hub_is_refused_before_the_guest_boots(tmp_path: Path) -> None:
+def test_bad_input_is_refused_before_the_guest_boots(tmp_path: Path) -> None:
+    """Exit 2 at once, not after a guest's start-up: a missing image, a hub port."""
+    missing = hil("flash", str(tmp_path / "missing.img"), "--rig", str(kernel_rig(tmp_path, "cm4", 1)), timeout=60)
+    assert missing.returncode == 2 and "cannot be read" in missing.stderr, missing.stderr
+    assert "guest" not in missing.stderr
     run = hil("virtual", "run", "--transport", "kernel", "--rig", str(ROOT / "rigs" / "virtual-cm4.toml"), "--",
               "true", timeout=60)
     assert run.returncode == 2, run.stderr

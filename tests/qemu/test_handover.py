@@ -152,7 +152,10 @@ def test_bootable_image_is_made_for_a_cm3_only(kit: GuestKit, tmp_path: Path) ->
 def test_guest_fetch_does_nothing_once_cached(repo: Path, tmp_path: Path) -> None:
     debs = tmp_path / "debs"
     debs.mkdir()
-    for name in ("linux-image-6.1.0-99-arm64_6.1.1-1_arm64.deb", "busybox-static_1%3a1.35.0-4_arm64.deb"):
+    for name in ("linux-image-6.1.0-99-arm64_6.1.1-1_arm64.deb", "busybox-static_1%3a1.35.0-4_arm64.deb",
+                 "linux-image-6.1.0-99-amd64_6.1.1-1_amd64.deb", "busybox-static_1%3a1.35.0-4_amd64.deb",
+                 "linux-headers-6.1.0-99-amd64_6.1.1-1_amd64.deb", "linux-headers-6.1.0-99-common_6.1.1-1_all.deb",
+                 "linux-kbuild-6.1_6.1.1-1_amd64.deb", "linux-source-6.1_6.1.1-1_all.deb"):
         (debs / name).write_bytes(b"")
     done = subprocess.run([repo / "scripts" / "fetch-guest.sh"], env={"HIL_GUEST_CACHE": str(tmp_path),
                           "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=30)
