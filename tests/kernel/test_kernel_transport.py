@@ -78,8 +78,8 @@ def test_lsusb_reads_the_same_rom_on_both_transports(tmp_path: Path) -> None:
     """Descriptors byte for byte, through usbfs on both; what differs is documented in docs/fidelity.md."""
     kernel = hil("virtual", "run", "--rig", str(kernel_rig(tmp_path, "cm4", 1)), "--", "sh", "-c",
                  "lsusb -v -d 0a5c:; udevadm info -q property -p /sys/bus/usb/devices/1-1", timeout=300)
-    fake = hil("virtual", "run", "--rig", str(kernel_rig(tmp_path, "cm4", 2, transport="umockdev")), "--",
-               "lsusb", "-v", "-d", "0a5c:", timeout=120)
+    fake = hil("virtual", "run", "--rig", str(kernel_rig(tmp_path, "cm4", 2, transport="umockdev")), "--", "sh",
+               "-c", "lsusb -v -d 0a5c:; udevadm info -q property -p /sys/bus/usb/devices/2-1", timeout=120)
     assert kernel.returncode == 0, kernel.stderr[-3000:]
     assert fake.returncode == 0, fake.stderr[-3000:]
 
@@ -91,8 +91,18 @@ def test_lsusb_reads_the_same_rom_on_both_transports(tmp_path: Path) -> None:
     assert "iSerial                 3 " in kernel.stdout  # the index that tells a host the ROM from a second stage
     # dummy_hcd answers GET_STATUS itself (bus powered); the umockdev transport asks the model (self powered).
     assert "Device Status:     0x0000" in kernel.stdout and "Device Status:     0x0001" in fake.stdout
-    properties = dict(line.split("=", 1) for line in kernel.stdout.splitlines() if re.match(r"^[A-Z_]+=", line))
+
+    def udev(text: str) -> dict[str, str]:
+        return dict(line.split("=", 1) for line in text.splitlines() if re.match(r"^[A-Z_]+=", line))
+
+    properties, faked = udev(kernel.stdout), udev(fake.stdout)
     assert (properties["ID_VENDOR_ID"], properties["ID_MODEL_ID"], properties["DRIVER"]) == ("0a5c", "2711", "usb")
+    # udev's usb_id properties agree; the kernel side adds what udev's rules and hwdb add (not modelled)
+    only_udevd = {"TAGS", "CURRENT_TAGS", "ID_FOR_SEAT", "USEC_INITIALIZED", "ID_VENDOR_FROM_DATABASE"}
+    assert set(properties) - only_udevd == set(faked)
+    per_host = {"ID_PATH", "ID_PATH_TAG"}  # pci-...-usb-0:1 on umockdev, platform-dummy_hcd.0-usb-0:1 here
+    assert {k: v for k, v in properties.items() if k.startswith("ID_") and k in faked and k not in per_host} == \
+        {k: v for k, v in faked.items() if k.startswith("ID_") and k not in per_host}
     usbmon, _ = guest_files(kernel.stderr)
     assert re.search(r" S Ci:1:\d+:0 s 80 06 0100 0000 0012 18 <", usbmon.read_text())  # GET_DESCRIPTOR(device)
 

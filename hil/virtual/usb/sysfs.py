@@ -99,6 +99,12 @@ def _ident(text: str) -> str:
     return re.sub(r"[^0-9A-Za-z#+\-.:=@_]", "", re.sub(r"\s+", "_", text.strip()))
 
 
+def _encoded(text: str) -> str:
+    """udev's ID_*_ENC: the string as the device gave it, with anything but a safe character as ``\\xHH``."""
+    return "".join(c if c.isalnum() or c in "#+-.:=@_" else "".join(f"\\x{b:02x}" for b in c.encode())
+                   for c in text)
+
+
 @dataclass
 class Record:
     """One sysfs device: its path under /sys and what the add_from_string format carries."""
@@ -187,6 +193,13 @@ def device_records(node: UsbNode, device_descriptor: bytes, configs: tuple[bytes
     }
     if serial:
         props["ID_SERIAL_SHORT"] = _ident(serial)
+    props["ID_VENDOR_ENC"] = _encoded(manufacturer) if manufacturer else f"{vid:04x}"
+    props["ID_MODEL_ENC"] = _encoded(product) if product else f"{pid:04x}"
+    # systemd 252's usb_id sets each of these twice (Debian 12's udev, as the kernel transport shows)
+    for key in ("VENDOR", "VENDOR_ENC", "VENDOR_ID", "MODEL", "MODEL_ENC", "MODEL_ID", "REVISION", "SERIAL",
+                "SERIAL_SHORT"):
+        if f"ID_{key}" in props:
+            props[f"ID_USB_{key}"] = props[f"ID_{key}"]
     attrs = {
         "idVendor": f"{vid:04x}", "idProduct": f"{pid:04x}", "bcdDevice": f"{bcd:04x}",
         "bDeviceClass": f"{d[4]:02x}", "bDeviceSubClass": f"{d[5]:02x}", "bDeviceProtocol": f"{d[6]:02x}",
