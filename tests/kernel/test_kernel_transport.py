@@ -120,3 +120,19 @@ def test_bad_input_is_refused_before_the_guest_boots(tmp_path: Path) -> None:
     rig.write_text(virtual_rig_toml("hub", "cm4", "1-1.4", extra={"virtual": {"transport": "kernel"}}))
     check = hil("rig", "check", str(rig), timeout=60)
     assert check.returncode == 2 and "usb.port" in check.stderr, check.stderr
+
+
+def test_an_unanswered_announce_times_out_and_the_retry_is_answered(tmp_path: Path) -> None:
+    """rom_failed_exchanges on the kernel transport: the host's first announce ends by its timeout (-ENOENT in
+    usbmon) and its retry is answered, as on the umockdev transport and on the hosts of usbboot #87; raw_gadget
+    would stall the retry if the device did not learn from usbmon that the host gave up."""
+    rig = kernel_rig(tmp_path, "cm4", 1)
+    rig.write_text(rig.read_text() + "\n[virtual.usb]\nrom_failed_exchanges = 1\n")
+    image = tmp_path / "cm4.img"
+    assert hil("image", "build", str(image), "--model", "cm4", "--size", "96MiB", timeout=120).returncode == 0
+    run = hil("flash", str(image), "--rig", str(rig), "--dry-run", timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    usbmon, _ = guest_files(run.stderr)
+    # each boot-message announce (vendor OUT, 24 bytes) and how it ended, in order
+    ends = re.findall(r" S Co:1:\d+:0 s 40 00 0018 0000 0000 0\n[^\n]* C Co:1:\d+:0 (-?\d+) 0\n", usbmon.read_text())
+    assert ends[:2] == ["-2", "0"], ends  # the host's timeout, then an answered retry

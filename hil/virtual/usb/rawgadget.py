@@ -12,9 +12,13 @@ unregisters the gadget: the host sees the disconnect.
 
 What a gadget cannot say here, as hardware would not either: a device receives only what it armed its OUT
 endpoint for, so bulk data beyond an announced length is NAKed until the host's timeout rather than seen and
-stalled; an OUT request's data stage is acknowledged before the model sees it. And one thing hardware does that
-raw_gadget cannot: a control request the device never answers keeps raw_gadget busy, and it STALLs the host's
-next request until the device answers (docs/fidelity.md).
+stalled; an OUT request's data stage is acknowledged before the model sees it.
+
+A control request the model never answers needs care: raw_gadget stalls every later request while one is
+unanswered, where hardware simply takes the host's next SETUP. So the device watches its bus's usbmon text for
+the host giving the request up (its URB completing with -ENOENT or -ECONNRESET) and only then queues an answer
+nobody will collect, which dummy_hcd drops when the next SETUP arrives; the host sees a timeout, then a device
+that answers its retry, as on hardware.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import signal
 import struct
 import threading
@@ -59,6 +64,7 @@ SET_CONFIGURATION = 9
 CHUNK = 64 * 1024  # bytes asked of an OUT endpoint at once, at most
 POLL = 0.002  # s between looks at a model that has not armed its OUT endpoint yet
 WAKE = signal.SIGUSR2
+USBMON = Path("/sys/kernel/debug/usb/usbmon")
 
 
 def endpoints(config: bytes) -> list[bytes]:
@@ -120,6 +126,8 @@ class RawGadgetDevice:
         self._fd = -1
         self._threads: list[threading.Thread] = []
         self._configured = False
+        self._late: threading.Thread | None = None
+        self.bus = int(udc.rsplit(".", 1)[1]) + 1 if "." in udc else 1
 
     def start(self) -> None:
         enable_wakeups()  # done already by the bus when it was made on the main thread
@@ -169,6 +177,9 @@ class RawGadgetDevice:
                 self._setup(ControlSetup(*struct.unpack_from("<BBHHH", event, 8)))
 
     def _setup(self, setup: ControlSetup) -> None:
+        if self._late is not None:  # its answer was dropped when this SETUP came: let it clear raw_gadget's state
+            self._late.join(1)
+            self._late = None
         try:
             data = b""
             if not setup.is_in and setup.wLength:
@@ -185,11 +196,43 @@ class RawGadgetDevice:
             with contextlib.suppress(OSError):
                 _ioctl(self._fd, EP0_STALL, 0)
         except (Unresponsive, Cancelled):
-            pass  # no answer: the host's transfer times out
+            self._answer_when_abandoned(setup)  # no answer: the host's transfer times out
         except DeviceGone:
             self._stop.set()
         except OSError as e:
             log.debug("raw_gadget ep0: %s", e)
+
+    def _answer_when_abandoned(self, setup: ControlSetup) -> None:
+        self._spawn(self._late_answer, "raw-gadget-late", setup)
+        self._late = self._threads[-1]
+
+    def _late_answer(self, setup: ControlSetup) -> None:
+        """Wait (in usbmon) for the host to give up ``setup``, then queue the answer dummy_hcd will drop."""
+        abandoned = re.compile(rf" C C[io]:{self.bus}:\d+:0 -(2|104) ".encode())
+        try:
+            fd = os.open(USBMON / f"{self.bus}u", os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as e:
+            log.debug("raw_gadget: no usbmon to see the host give up (%s); the next request will stall", e)
+            return
+        try:
+            seen = b""
+            while not self._stop.is_set():
+                try:
+                    seen = seen[-200:] + os.read(fd, 65536)
+                except BlockingIOError:
+                    time.sleep(0.02)
+                    continue
+                if abandoned.search(seen):
+                    break
+            else:
+                return
+        finally:
+            os.close(fd)
+        with contextlib.suppress(OSError):  # completed by dummy_hcd's drop (-EOVERFLOW) at the next SETUP
+            if setup.is_in and setup.wLength:
+                _ioctl(self._fd, EP0_WRITE, _io(0, b""))
+            else:
+                self._ep0_read(0)
 
     def _ep0_read(self, length: int) -> bytes:
         io = _io(0, length)
