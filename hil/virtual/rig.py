@@ -57,6 +57,9 @@ def validate(rig: Rig) -> None:
             if UsbPort(port).ports != (1,):
                 raise RigFileError(rig.path, "usb.port", f"{port} is behind a hub; the kernel transport's dummy_hcd "
                                    "buses have one root port each", 'use port = "1-1"')
+        if rig.virtual.controllers:  # host profiles are the umockdev bus's; here the host is the guest's kernel
+            raise RigFileError(rig.path, "virtual.usb.controllers", "the kernel transport's host controller is "
+                               "dummy_hcd, driven by Linux itself", 'remove it, or use transport = "umockdev"')
     ConsoleFaults.from_rig(rig)
 
 

@@ -120,6 +120,10 @@ def test_bad_input_is_refused_before_the_guest_boots(tmp_path: Path) -> None:
     rig.write_text(virtual_rig_toml("hub", "cm4", "1-1.4", extra={"virtual": {"transport": "kernel"}}))
     check = hil("rig", "check", str(rig), timeout=60)
     assert check.returncode == 2 and "usb.port" in check.stderr, check.stderr
+    rig.write_text(virtual_rig_toml("profiled", "cm4", "1-1", extra={"virtual": {"transport": "kernel", "usb": {
+        "controllers": {"1-1": "ehci-hypothesis-maxpacket"}}}}))
+    check = hil("rig", "check", str(rig), timeout=60)
+    assert check.returncode == 2 and "virtual.usb.controllers" in check.stderr, check.stderr
 
 
 def test_an_unanswered_announce_times_out_and_the_retry_is_answered(tmp_path: Path) -> None:
