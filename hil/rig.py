@@ -688,6 +688,11 @@ def _check_state_dir(t: _Table, state_dir: Path) -> None:
                      "~/.cache/cm-hil/virtual/RIG, or remove state_dir")
 
 
+def default_state_root() -> Path:
+    """Where virtual rigs keep their eMMC and EEPROM files unless a rig file says ``state_dir``."""
+    return Path(os.environ.get("HIL_STATE_DIR") or Path.home() / ".cache" / "cm-hil" / "virtual")
+
+
 def _virtual(t: _Table, rig_name: str) -> Virtual:
     speedup = t.number("speedup", 1.0, low=0.0, low_open=True, high=1000.0)
     boot_engine = t.get("boot_engine", str, "model")
@@ -699,8 +704,7 @@ def _virtual(t: _Table, rig_name: str) -> Virtual:
         raise t.fail("transport", f"unknown USB transport {transport!r}",
                      'use "umockdev" (the default) or "kernel" (a QEMU guest with the Linux USB stack)')
     state = t.get("state_dir", str)
-    state_dir = Path(state).expanduser() if state else Path(
-        os.environ.get("HIL_STATE_DIR") or Path.home() / ".cache" / "cm-hil" / "virtual") / rig_name
+    state_dir = Path(state).expanduser() if state else default_state_root() / rig_name
     _check_state_dir(t, state_dir)
     e = t.table("emmc")
     write_bps = read_bps = 35e6

@@ -34,12 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "framework does; afterwards prints what the module went through.")
     run.add_argument("--rig", required=True, help="a virtual rig file, e.g. rigs/virtual-cm4.toml")
     run.add_argument("--boot-mode", choices=("usb", "emmc"), default="usb")
-    run.add_argument("--transport", choices=("umockdev", "kernel"), default="umockdev",
-                     help="umockdev: the module's USB devices are faked behind libusb and udev in this process "
-                     "(default); kernel: PROGRAM runs in a QEMU guest whose Linux USB stack (dummy_hcd, usbfs, "
-                     "usb-storage, udev) sees the module, with a usbmon trace of the run")
+    run.add_argument("--transport", choices=("umockdev", "kernel"),
+                     help="umockdev: the module's USB devices are faked behind libusb and udev in this process; "
+                     "kernel: PROGRAM runs in a QEMU guest whose Linux USB stack (dummy_hcd, usbfs, usb-storage, "
+                     "udev) sees the module, with a usbmon trace of the run (default: the rig file's [virtual] "
+                     "transport)")
     run.add_argument("--share", action="append", type=Path, default=[], metavar="DIR",
-                     help="with --transport kernel: a folder PROGRAM may write besides the project, the working "
+                     help="on the kernel transport: a folder PROGRAM may write besides the project, the working "
                      "folder and the HIL_*_DIR folders (repeatable)")
     run.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM ARGS...")
     run.set_defaults(func=_run)
@@ -77,7 +78,12 @@ def _run(args: argparse.Namespace) -> int:
     from hil.virtual.usb.kernel_bus import kernel_transport
 
     rig = _virtual_rig(args.rig)
-    if args.transport == "kernel" and not kernel_transport():
+    assert rig.virtual is not None
+    if args.transport == "umockdev" and rig.virtual.transport == "kernel":
+        raise InputError(f"{rig.path} puts the module on the kernel USB transport; every command with it runs in "
+                         "the QEMU guest. Fix: leave out --transport, or use a rig file without transport = "
+                         '"kernel"', stage="virtual")
+    if (args.transport or rig.virtual.transport) == "kernel" and not kernel_transport():
         return _run_in_guest(args, rig, program)
     with _session(rig) as (vrig, lifecycle):
         if args.boot_mode == "usb":

@@ -24,7 +24,7 @@ from pathlib import Path
 from hil.errors import InputError
 from hil.image.bootfs import boot_files
 from hil.image.build import BuiltImage, ImageSpec, build_image
-from hil.image.debkit import cached_kit, extract, one_package, pack_initramfs
+from hil.image.debkit import cached_kit, extract, kernel_release, one_package, pack_initramfs
 
 STAGE = "image.bootable"
 MODELS = ("cm3", "cm3+")
@@ -148,7 +148,7 @@ def guest_kit(cache: Path | None = None) -> GuestKit:
     cache = cache or guest_cache()
     kernel_deb = one_package(cache, "linux-image-*-arm64_*_arm64.deb", STAGE)
     busybox_deb = one_package(cache, "busybox-static_*_arm64.deb", STAGE)
-    release = kernel_deb.name.removeprefix("linux-image-").split("_", 1)[0]
+    release = kernel_release(kernel_deb)
     key = hashlib.sha256("\n".join([kernel_deb.name, busybox_deb.name, _INIT, *MODULES]).encode()).hexdigest()[:16]
     path = cached_kit(cache, "kit-", key, lambda staging: _unpack(kernel_deb, busybox_deb, release, staging),
                       f"{kernel_deb.name}\n{busybox_deb.name}\n")

@@ -32,6 +32,11 @@ def one_package(cache: Path, pattern: str, stage: str) -> Path:
     return found[0]
 
 
+def kernel_release(kernel_deb: Path) -> str:
+    """``6.1.0-57-amd64`` from ``linux-image-6.1.0-57-amd64_6.1.192-3_amd64.deb``."""
+    return kernel_deb.name.removeprefix("linux-image-").split("_", 1)[0]
+
+
 def members(deb: Path, stage: str) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
     """Every regular file of a package's tree, with the archive to read it from (dpkg-deb reads any
     compression the package uses)."""

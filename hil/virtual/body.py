@@ -33,6 +33,13 @@ def ensure_umockdev(argv: Sequence[str]) -> None:
     os.execv(wrapper, [wrapper, sys.executable, "-m", "hil.cli", *argv])
 
 
+def _needs_guest(rig: Rig, transport: str | None) -> bool:
+    """The rig (or ``transport``, asked for over the rig file's) is on the kernel transport and this process is
+    not yet in its guest."""
+    assert rig.virtual is not None
+    return (transport or rig.virtual.transport) == "kernel" and not kernel_transport()
+
+
 class VirtualBody:
     """Claims the rigs with a ``[virtual]`` section and brings their simulated module up for a session."""
 
@@ -40,8 +47,7 @@ class VirtualBody:
         return rig.virtual is not None
 
     def prepare(self, rig: Rig, rerun: Sequence[str] | None) -> None:
-        assert rig.virtual is not None
-        if rig.virtual.transport == "kernel" and not kernel_transport():
+        if _needs_guest(rig, None):
             if rerun is None:
                 raise InputError(f"{rig.path} puts the module on the kernel USB transport, which runs in a QEMU "
                                  "guest; give pytest the rig with --rig, and the run moves there", stage="virtual")
@@ -52,8 +58,7 @@ class VirtualBody:
 
     def rerun_elsewhere(self, rig: Rig, argv: Sequence[str], transport: str | None) -> int | None:
         """On the kernel transport, the whole command runs in the QEMU guest (:mod:`hil.virtual.guest`)."""
-        assert rig.virtual is not None
-        if (transport or rig.virtual.transport) != "kernel" or kernel_transport():
+        if not _needs_guest(rig, transport):
             return None
         from hil.virtual.guest.vm import run_python
 

@@ -15,15 +15,14 @@ import hashlib
 import os
 import re
 import shutil
-import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from hil.errors import InfrastructureError
 from hil.image.bootable import guest_cache
-from hil.image.debkit import cached_kit, extract, members, one_package, pack_initramfs
-from hil.image.tools import need, tool_env
+from hil.image.debkit import cached_kit, extract, kernel_release, members, one_package, pack_initramfs
+from hil.image.tools import errors, run
 
 STAGE = "virtual.guest"
 ARCH = "amd64"
@@ -35,7 +34,7 @@ MODULES = (
     "usbmon", "usb_storage", "sd_mod",  # the host's side: traces, and the disk as hardware makes it
     "loop", "fuse",  # the virtual eMMC: a FUSE speed model under a loop device, as on the umockdev transport
 )
-#: Loaded only once the job says how many buses it needs and at which speed (module parameters).
+#: Loaded only once the job says how many buses it needs (a module parameter).
 LATE = ("dummy_hcd",)
 
 INIT = r"""#!/bin/busybox sh
@@ -113,7 +112,7 @@ class Packages:
 
     @property
     def release(self) -> str:
-        return self.kernel.name.removeprefix("linux-image-").split("_", 1)[0]
+        return kernel_release(self.kernel)
 
     @property
     def names(self) -> list[str]:
@@ -122,7 +121,7 @@ class Packages:
 
 def packages(cache: Path) -> Packages:
     kernel = one_package(cache, f"linux-image-*-{ARCH}_*_{ARCH}.deb", STAGE)
-    release = kernel.name.removeprefix("linux-image-").split("_", 1)[0]
+    release = kernel_release(kernel)
     common = release.removesuffix(f"-{ARCH}") + "-common"
     return Packages(kernel, one_package(cache, f"busybox-static_*_{ARCH}.deb", STAGE),
                     (one_package(cache, f"linux-headers-{release}_*_{ARCH}.deb", STAGE),
@@ -207,40 +206,36 @@ def build_raw_gadget(debs: Packages, build: Path, out: Path) -> None:
     root = build / "root"
     root.mkdir(parents=True)
     for deb in debs.headers:
-        run_tool([need("dpkg-deb", "dpkg"), "-x", str(deb), str(root)], f"unpack {deb.name}")
+        _run(["dpkg-deb", "-x", deb, root], "dpkg")
     headers = root / "usr" / "src" / f"linux-headers-{debs.release}"
     makefile = headers / "Makefile"
     makefile.write_text(makefile.read_text().replace("/usr/src/", f"{root}/usr/src/"))
     module = build / "raw_gadget"
     module.mkdir()
-    wanted = {name: module / Path(name).name for name in RAW_GADGET}
+    wanted = {name: module / (name if name.endswith(".h") else Path(name).name) for name in RAW_GADGET}
     for member, tar in members(debs.source, STAGE):
         if member.name.endswith(".tar.xz"):
             with tarfile.open(fileobj=tar.extractfile(member), mode="r|xz") as src:
                 for inner in src:
                     name = inner.name.split("/", 1)[-1]
                     if name in wanted and inner.isfile():
-                        wanted.pop(name).write_bytes(src.extractfile(inner).read())  # type: ignore[union-attr]
+                        target = wanted.pop(name)
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(src.extractfile(inner).read())  # type: ignore[union-attr]
                         if not wanted:
                             break
             break
     if wanted:
         raise InfrastructureError(f"{debs.source.name} lacks {', '.join(wanted)}. Fix: run scripts/fetch-guest.sh "
                                   "--refresh", stage=STAGE)
-    (module / "raw_gadget.h").rename(_uapi(module))
     (module / "Kbuild").write_text("obj-m := raw_gadget.o\nccflags-y := -I$(src)/include\n")
-    run_tool([need("make", "make"), "-C", str(headers), f"M={module}", "modules"], "build raw_gadget")
+    _run(["make", "-C", headers, f"M={module}", "modules"], "make")
     shutil.copy2(module / "raw_gadget.ko", out)
 
 
-def _uapi(module: Path) -> Path:
-    folder = module / "include" / "uapi" / "linux" / "usb"
-    folder.mkdir(parents=True)
-    return folder / "raw_gadget.h"
-
-
-def run_tool(argv: list[str], what: str) -> None:
-    proc = subprocess.run(argv, capture_output=True, text=True, env=tool_env(), check=False)
+def _run(argv: list[str | Path], package: str) -> None:
+    proc = run(argv, package=package, check=False, stage=STAGE)
     if proc.returncode:
-        raise InfrastructureError(f"{what} failed: {(proc.stderr or proc.stdout).strip()[-600:]}. Fix: run ./setup.sh "
-                                  "(make, gcc) and scripts/fetch-guest.sh --refresh", stage=STAGE)
+        raise InfrastructureError(f"{Path(str(argv[0])).name} failed while building raw_gadget: {errors(proc)[-600:]}. "
+                                  "Fix: run ./setup.sh (make, gcc-12) and scripts/fetch-guest.sh --refresh",
+                                  stage=STAGE)

@@ -1,10 +1,11 @@
 """Run one program in the kernel-transport guest: QEMU (TCG, one vCPU) boots the kit's kernel, which mounts the
-host's root read-only and the job's folders read-write over 9p, loads dummy_hcd with one bus per port the job
-needs, traces every bus with usbmon and runs the program as root in the host's root. The program's output is
-the guest's console; its exit code, the usbmon trace and the kernel log come back in the job folder.
+host's root read-only and the job's folders read-write over 9p, loads dummy_hcd with ``buses`` buses, traces
+every bus with usbmon and runs the program as root in the host's root. The program's output is the guest's
+console; its exit code, the usbmon trace and the kernel log come back in the job folder.
 
-Writes reach the host only in the shared folders (the project, the working folder, the HIL_* folders and any
-``shares`` given); everything else the guest writes lands in its own tmpfs and is gone when it powers off.
+Writes reach the host only in the shared folders (the project, the working folder, the image cache, the virtual
+rigs' state, the HIL_* folders, the folders of paths on the command line and any ``shares`` given); everything
+else the guest writes lands in its own tmpfs and is gone when it powers off.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hil.errors import InfrastructureError
+from hil.flash.cache import default_root
 from hil.hostenv import outside_umockdev
+from hil.rig import default_state_root
 from hil.runtime import default_runtime_dir, private_dir
 from hil.virtual.guest.kit import STAGE, kernel_kit
 
@@ -38,7 +41,6 @@ PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 class GuestJob:
     argv: Sequence[str]
     cwd: Path = field(default_factory=Path.cwd)
-    env: Mapping[str, str] = field(default_factory=dict)  # added to what is passed from this process
     shares: Sequence[Path] = ()  # more folders the program may write
     buses: int = 4  # dummy_hcd instances: usb1 .. usbN, one root port each
     terminal: bool = field(default_factory=sys.stdout.isatty)  # the program's output is a terminal (else a pipe)
@@ -49,7 +51,7 @@ class GuestJob:
 class GuestResult:
     exit_code: int
     seconds: float
-    folder: Path  # the job folder: usbmon.txt (every bus, the whole run), dmesg.txt, console.log
+    folder: Path  # the job folder: usbmon.txt (every bus, the whole run), dmesg.txt
 
     @property
     def usbmon(self) -> Path:
@@ -64,17 +66,19 @@ def project_root() -> Path:
     return Path(__file__).resolve().parents[3]
 
 
-def hil_home() -> Path:
-    """~/.cache/cm-hil: the virtual rigs' state and the image cache, shared so a run in the guest keeps them."""
-    path = Path.home() / ".cache" / "cm-hil"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
+def kept_folders() -> list[Path]:
+    """The image cache and the virtual rigs' state (their defaults or HIL_CACHE_DIR/HIL_STATE_DIR), made if
+    missing: shared, so a run in the guest keeps them."""
+    folders = [default_root(), default_state_root()]
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return folders
 
 
-def run_python(argv: Sequence[str], **job: object) -> int:
+def run_python(argv: Sequence[str], shares: Sequence[Path] = ()) -> int:
     """``python ARGV...`` (this Python) in the guest, its usbmon trace and kernel log named on stderr; its exit
     code."""
-    result = run(GuestJob([sys.executable, *argv], **job))  # type: ignore[arg-type]
+    result = run(GuestJob([sys.executable, *argv], shares=shares))
     lines = result.usbmon.read_text(errors="replace").count("\n") if result.usbmon.exists() else 0
     print(f"hil: guest ran {result.seconds:.1f} s, exit {result.exit_code}; usbmon trace ({lines} lines) "
           f"{result.usbmon}, kernel log {result.dmesg}", file=sys.stderr)
@@ -92,8 +96,8 @@ def qemu() -> str:
 def writable_shares(job: GuestJob) -> list[Path]:
     """The folders the guest may write: the project, the working folder, the HIL_* folders, the job's own;
     nested ones are covered by their parent's share."""
-    wanted = [project_root(), job.cwd, hil_home(), *job.shares, *named_folders(job.argv)]
-    for name, value in {**os.environ, **job.env}.items():
+    wanted = [project_root(), job.cwd, *kept_folders(), *job.shares, *named_folders(job.argv)]
+    for name, value in os.environ.items():
         if name.startswith("HIL_") and name.endswith("_DIR") and value and name != "HIL_RUNTIME_DIR":
             wanted.append(Path(value))
     found: list[Path] = []
@@ -122,7 +126,6 @@ def named_folders(argv: Sequence[str]) -> list[Path]:
 
 def job_script(job: GuestJob) -> str:
     env = {k: v for k, v in os.environ.items() if k in ENV_PASSED or k.startswith(ENV_PREFIXES)}
-    env.update(job.env)
     env.pop("HIL_RUNTIME_DIR", None)  # the host's runtime folder is not shared; the guest has its own /run
     env.update({"PATH": PATH, "HOME": str(Path.home()), "HIL_USB_TRANSPORT": "kernel", "PAGER": "cat",
                 "SYSTEMD_PAGER": "cat"})
@@ -152,9 +155,9 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def run(job: GuestJob, *, console: int | None = None) -> GuestResult:
-    """Boot the guest, run ``job`` in it and power it off; ``console`` is where the guest's console goes (the
-    program's output), default this process's stdout."""
+def run(job: GuestJob) -> GuestResult:
+    """Boot the guest, run ``job`` in it and power it off; the guest's console (the program's output) is this
+    process's stdout."""
     kit = kernel_kit()
     folder = private_dir(default_runtime_dir() / f"guest-{os.getpid()}-{time.monotonic_ns()}")
     shares = writable_shares(job)
@@ -173,9 +176,8 @@ def run(job: GuestJob, *, console: int | None = None) -> GuestResult:
     for i, path in enumerate(shares):
         argv += ["-virtfs", f"local,path={path},mount_tag=rw{i},security_model=none,multidevs=remap"]
     started = time.monotonic()
-    out = sys.stdout.fileno() if console is None else console
     try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE,
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=sys.stdout.fileno(), stderr=subprocess.PIPE,
                               timeout=job.timeout, check=False, env=outside_umockdev(), preexec_fn=_die_with_parent)
     except subprocess.TimeoutExpired:
         raise InfrastructureError(f"the guest did not power off within {job.timeout:.0f} s; its job folder is "

@@ -78,14 +78,19 @@ def string_descriptor(text: str) -> bytes:
     return bytes((2 + len(raw), STRING)) + raw
 
 
+def endpoint_descriptors(config: bytes) -> list[bytes]:
+    """The 7-byte endpoint descriptors of a configuration descriptor, in order."""
+    found, i = [], 0
+    while i + 2 <= len(config) and config[i] >= 2:
+        if config[i + 1] == ENDPOINT:
+            found.append(bytes(config[i:i + 7]))
+        i += config[i]
+    return found
+
+
 def out_endpoints(config: bytes) -> frozenset[int]:
     """Addresses of the bulk OUT endpoints a configuration descriptor declares."""
-    found, i = set(), 0
-    while i + 2 <= len(config) and config[i] >= 2:
-        if config[i + 1] == ENDPOINT and not config[i + 2] & 0x80:
-            found.add(config[i + 2])
-        i += config[i]
-    return frozenset(found)
+    return frozenset(d[2] for d in endpoint_descriptors(config) if not d[2] & 0x80)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from hil.errors import InfrastructureError, InputError
 from hil.usbport import UsbPort
 from hil.virtual.journal import Journal
 from hil.virtual.usb.device import BlockChild, UsbDeviceModel, UsbIdentity
-from hil.virtual.usb.rawgadget import RawGadgetDevice, enable_wakeups
+from hil.virtual.usb.rawgadget import RawGadgetDevice, dummy_udc, enable_wakeups
 
 STAGE = "usb.transport"
 CONFIGFS = Path("/sys/kernel/config/usb_gadget")
@@ -89,7 +89,6 @@ class MassStorageGadget:
         self.path = CONFIGFS / name
         self.udc = udc
         self.identity = device.identity
-        self._luns = 0
 
     def start(self) -> None:
         g = self.path
@@ -105,9 +104,8 @@ class MassStorageGadget:
         function = self.path / "functions" / "mass_storage.0"
         for i, disk in enumerate(disks):
             lun = function / f"lun.{i}"
-            if i >= self._luns and i:
+            if not lun.exists():  # lun.0 comes with the function
                 lun.mkdir()
-            self._luns = max(self._luns, i + 1)
             put(lun / "removable", "1")
             put(lun / "inquiry_string", f"{disk.vendor:<8.8}{disk.model:<16.16}0001")
             put(lun / "file", disk.target if disk.size else "")
@@ -131,7 +129,7 @@ class KernelPort:
     def __init__(self, port: str, journal: Journal):
         self.port = port
         self.bus = root_port(port)
-        self.udc = f"dummy_udc.{self.bus - 1}"
+        self.udc = dummy_udc(self.bus)
         self.journal = journal
         self._lock = threading.Lock()
         self._device: RawGadgetDevice | MassStorageGadget | None = None
@@ -143,7 +141,7 @@ class KernelPort:
             if device.identity.disks:
                 gadget = MassStorageGadget(f"hil-{self.bus}", self.udc, device)
             else:
-                gadget = RawGadgetDevice(device, self.udc)
+                gadget = RawGadgetDevice(device, self.bus)
             try:
                 gadget.start()
             except OSError as e:

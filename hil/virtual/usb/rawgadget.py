@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from hil.errors import InfrastructureError
+from hil.virtual.usb.descriptors import endpoint_descriptors
 from hil.virtual.usb.device import Cancelled, ControlSetup, DeviceGone, Stall, Unresponsive, UsbDeviceModel
 
 log = logging.getLogger(__name__)
@@ -59,22 +60,11 @@ EP0_STALL = _ioc(0, 12, 0)
 EP_SET_HALT = _ioc(1, 13, 4)
 EVENT_CONNECT, EVENT_CONTROL = 1, 2
 SPEED_FULL, SPEED_HIGH = 2, 3
-DT_ENDPOINT = 5
 SET_CONFIGURATION = 9
 CHUNK = 64 * 1024  # bytes asked of an OUT endpoint at once, at most
 POLL = 0.002  # s between looks at a model that has not armed its OUT endpoint yet
 WAKE = signal.SIGUSR2
 USBMON = Path("/sys/kernel/debug/usb/usbmon")
-
-
-def endpoints(config: bytes) -> list[bytes]:
-    """The 7-byte endpoint descriptors of a configuration descriptor, in order."""
-    found, i = [], 0
-    while i + 2 <= len(config) and config[i] >= 2:
-        if config[i + 1] == DT_ENDPOINT:
-            found.append(bytes(config[i:i + 7]))
-        i += config[i]
-    return found
 
 
 def enable_wakeups() -> None:
@@ -112,12 +102,19 @@ def _io(ep: int, data: bytes | int) -> bytearray:
     return bytearray(struct.pack("<HHI", ep, 0, len(data)) + data)
 
 
-class RawGadgetDevice:
-    """``model`` on the bus of ``udc`` from :meth:`start` until :meth:`stop`."""
+def dummy_udc(bus: int) -> str:
+    """The device controller of dummy_hcd bus ``bus`` (``usbN`` is ``dummy_udc.<N-1>`` when dummy_hcd is the
+    guest's only host controller)."""
+    return f"dummy_udc.{bus - 1}"
 
-    def __init__(self, model: UsbDeviceModel, udc: str, device: Path = DEVICE):
+
+class RawGadgetDevice:
+    """``model`` on dummy_hcd bus ``bus`` from :meth:`start` until :meth:`stop`."""
+
+    def __init__(self, model: UsbDeviceModel, bus: int, device: Path = DEVICE):
         self.model = model
-        self.udc = udc
+        self.bus = bus
+        self.udc = dummy_udc(bus)
         self.device = device
         self.identity = model.identity
         self.full_speed = self.identity.speed == "full"
@@ -127,7 +124,6 @@ class RawGadgetDevice:
         self._threads: list[threading.Thread] = []
         self._configured = False
         self._late: threading.Thread | None = None
-        self.bus = int(udc.rsplit(".", 1)[1]) + 1 if "." in udc else 1
 
     def start(self) -> None:
         enable_wakeups()  # done already by the bus when it was made on the main thread
@@ -155,10 +151,11 @@ class RawGadgetDevice:
             os.close(self._fd)  # unregisters the gadget driver
             self._fd = -1
 
-    def _spawn(self, target: object, name: str, *args: object) -> None:
+    def _spawn(self, target: object, name: str, *args: object) -> threading.Thread:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)  # type: ignore[arg-type]
         self._threads.append(thread)
         thread.start()
+        return thread
 
     # --- ep0 ----------------------------------------------------------------------------------------
 
@@ -195,16 +192,12 @@ class RawGadgetDevice:
         except Stall:
             with contextlib.suppress(OSError):
                 _ioctl(self._fd, EP0_STALL, 0)
-        except (Unresponsive, Cancelled):
-            self._answer_when_abandoned(setup)  # no answer: the host's transfer times out
+        except (Unresponsive, Cancelled):  # no answer: the host's transfer times out
+            self._late = self._spawn(self._late_answer, "raw-gadget-late", setup)
         except DeviceGone:
             self._stop.set()
         except OSError as e:
             log.debug("raw_gadget ep0: %s", e)
-
-    def _answer_when_abandoned(self, setup: ControlSetup) -> None:
-        self._spawn(self._late_answer, "raw-gadget-late", setup)
-        self._late = self._threads[-1]
 
     def _late_answer(self, setup: ControlSetup) -> None:
         """Wait (in usbmon) for the host to give up ``setup``, then queue the answer dummy_hcd will drop."""
@@ -246,7 +239,7 @@ class RawGadgetDevice:
             return
         self._configured = True
         config = self.identity.config_descriptors[0]
-        for desc in endpoints(config):
+        for desc in endpoint_descriptors(config):
             enable = bytearray(desc + b"\0\0")  # struct usb_endpoint_descriptor has the two audio bytes
             if self.full_speed and desc[3] & 3 == 2:  # a full-speed bulk endpoint moves 64-byte packets
                 enable[4:6] = min(64, int.from_bytes(desc[4:6], "little")).to_bytes(2, "little")
